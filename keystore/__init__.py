@@ -1,0 +1,1 @@
+"""keystore: the agent's half of the controller's certificate authority."""

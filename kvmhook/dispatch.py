@@ -1,0 +1,317 @@
+"""Which custom scripts run for a hook call, in what order, and their log.
+
+Scripts live in the custom dir, named `<operation>_<name>` or `all_<name>`.
+They run ordered by `<name>` as bytes, ties broken by the full file name,
+so the order is the same on every machine and in every locale. Running a
+child is `process`'s job; the record format is `hooklog`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from kvmhook import paths, process
+from kvmhook.errors import CustomDirError
+from kvmhook.hooklog import HookLog, output_lines, quote
+
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+# The operations libvirt passes to the qemu hook, in the order of a guest's life.
+OPERATIONS = (
+    "prepare",
+    "start",
+    "started",
+    "stopped",
+    "release",
+    "migrate",
+    "restore",
+    "reconnect",
+    "attach",
+)
+ALL = "all"  # prefix of scripts that run for every operation
+# Never run, as with run-parts: what editors and package managers leave behind.
+LEFTOVER_SUFFIXES = (
+    "~",
+    ".swp",
+    ".dpkg-old",
+    ".dpkg-dist",
+    ".dpkg-new",
+    ".dpkg-tmp",
+    ".rpmsave",
+    ".rpmnew",
+    ".rpmorig",
+)
+DEFAULT_TIMEOUT = 10 * 60.0
+DEFAULT_GRACE = 5.0
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+
+
+class Event:
+    """One call of the hook: the four arguments libvirt passed."""
+
+    __slots__ = ("domain", "extra", "operation", "subop")
+
+    def __init__(self, domain: str, operation: str, subop: str = "-", extra: str = "-") -> None:
+        self.domain = domain
+        self.operation = operation
+        self.subop = subop
+        self.extra = extra
+
+    @property
+    def argv(self) -> list[str]:
+        """The arguments every custom script receives: the hook's own."""
+        return [self.domain, self.operation, self.subop, self.extra]
+
+
+class Script:
+    """A custom script that will run."""
+
+    __slots__ = ("name", "path")
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+
+
+class Ignored:
+    """A file in the custom dir that will not run, and why.
+
+    `notable` files have a name that asks to run for this operation; the
+    hook logs why they did not. The others (other operations' scripts,
+    leftovers, foreign names) are only shown by `kvmhook hooks list`.
+    """
+
+    __slots__ = ("name", "notable", "reason")
+
+    def __init__(self, name: str, reason: str, notable: bool) -> None:
+        self.name = name
+        self.reason = reason
+        self.notable = notable
+
+
+class Limits:
+    """Per-script time and output limits."""
+
+    __slots__ = ("grace", "max_output", "timeout")
+
+    def __init__(self, timeout: float, grace: float, max_output: int) -> None:
+        self.timeout = timeout
+        self.grace = grace
+        self.max_output = max_output
+
+
+class Run:
+    """One script's run: its outcome, or the OS error that kept it from starting."""
+
+    __slots__ = ("error", "outcome", "script")
+
+    def __init__(
+        self, script: Script, outcome: process.Outcome | None, error: OSError | None
+    ) -> None:
+        self.script = script
+        self.outcome = outcome
+        self.error = error
+
+    @property
+    def failed(self) -> bool:
+        outcome = self.outcome
+        return outcome is None or outcome.timed_out or outcome.status != 0
+
+
+def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored]]:
+    """The scripts that run for `operation`, in order, and every file that does not.
+
+    Raises CustomDirError when the directory is missing, unreadable or unsafe.
+    """
+    try:
+        reason = _unsafe_path(directory, "custom dir")
+        entries = list(os.scandir(directory)) if reason is None else []
+    except OSError as error:
+        raise CustomDirError(f"custom dir {directory}: {error.strerror or error}") from None
+    if reason is not None:
+        raise CustomDirError(f"refused custom dir {directory}: {reason}")
+    scripts: list[tuple[bytes, bytes, Script]] = []
+    ignored: list[Ignored] = []
+    for entry in entries:
+        found = _classify(entry, operation)
+        if isinstance(found, Script):
+            rest = entry.name.partition("_")[2]
+            scripts.append((os.fsencode(rest), os.fsencode(entry.name), found))
+        else:
+            ignored.append(found)
+    scripts.sort(key=lambda item: item[:2])
+    ignored.sort(key=lambda item: os.fsencode(item.name))
+    return [script for _, _, script in scripts], ignored
+
+
+def _classify(entry: os.DirEntry, operation: str) -> Script | Ignored:
+    name = entry.name
+    prefix, _, rest = name.partition("_")
+    if not rest or prefix not in (operation, ALL):
+        if rest and prefix in OPERATIONS:
+            return Ignored(name, f"runs for {prefix} only", False)
+        return Ignored(name, "name is not <operation>_<name> or all_<name>", False)
+    if name.endswith(LEFTOVER_SUFFIXES):
+        return Ignored(name, "editor or package-manager leftover", False)
+    try:
+        st = os.stat(entry.path)
+    except FileNotFoundError:
+        return Ignored(name, "broken symbolic link" if entry.is_symlink() else "vanished", True)
+    except OSError as error:
+        return Ignored(name, f"cannot stat: {error.strerror}", True)
+    if not stat.S_ISREG(st.st_mode):
+        return Ignored(name, "not a regular file", True)
+    if not st.st_mode & 0o111:
+        return Ignored(name, f"not executable (mode {stat.S_IMODE(st.st_mode):04o})", True)
+    reason = _unsafe(st, "script", sticky_ok=False)
+    if reason is None and entry.is_symlink():
+        try:
+            reason = _unsafe_path(os.path.realpath(entry.path), "link target")
+        except OSError as error:
+            reason = f"cannot check the link target: {error.strerror}"
+    if reason is not None:
+        return Ignored(name, f"refused: {reason}", True)
+    return Script(name, entry.path)
+
+
+def _unsafe_path(path: str, what: str) -> str | None:
+    """Why `path` could be changed by someone other than root or us, or None.
+
+    Checks the resolved path and every directory above it: a script is only
+    as safe as the directories that hold it. Root-owned sticky directories
+    (such as /tmp) above it are fine: others cannot replace what is in them.
+    """
+    real = os.path.realpath(path)
+    reason = _unsafe(os.stat(real), f"{what} {real}", sticky_ok=False)
+    parent = real
+    while reason is None and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+        reason = _unsafe(os.stat(parent), f"directory {parent}", sticky_ok=True)
+    return reason
+
+
+def _unsafe(st: os.stat_result, what: str, sticky_ok: bool) -> str | None:
+    if st.st_uid not in (0, os.geteuid()):
+        return f"{what} is owned by uid {st.st_uid}, not root"
+    mode = st.st_mode
+    if mode & 0o022 and not (sticky_ok and stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
+        return f"{what} is writable by group or others (mode {stat.S_IMODE(mode):04o})"
+    return None
+
+
+def limits(timeout: float | None, complain: Callable[[str], None]) -> Limits:
+    """The limits in force: the launcher's `timeout`, overridden by KVMHOOK_* variables.
+
+    An invalid value is reported through `complain` and its default applies.
+    """
+    default = DEFAULT_TIMEOUT
+    if timeout is not None:
+        if _valid(timeout, positive=True):
+            default = float(timeout)
+        else:
+            complain(f"timeoutSeconds={timeout!r} is not a positive number; using {default:g}")
+    return Limits(
+        _env_number("KVMHOOK_TIMEOUT", default, float, complain, positive=True),
+        _env_number("KVMHOOK_TERM_GRACE", DEFAULT_GRACE, float, complain, positive=False),
+        int(_env_number("KVMHOOK_MAX_OUTPUT", DEFAULT_MAX_OUTPUT, int, complain, positive=False)),
+    )
+
+
+def _env_number(
+    name: str, default: float, kind: type, complain: Callable[[str], None], positive: bool
+) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not _valid(value, positive):
+        need = "a positive number" if positive else "a number, 0 or more"
+        complain(f"{name}={raw!r} is not {need}; using {default:g}")
+        return default
+    return value
+
+
+def _valid(value: object, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # value == value rules out NaN; the upper bound rules out infinity (a hook must end).
+    return value == value and (value > 0 if positive else value >= 0) and value < 1e9
+
+
+def run_hook(event: Event, log: HookLog, timeout: float | None, stdin_fd: int | None) -> list[Run]:
+    """Run the custom scripts for `event`, logging each; never raises for a script's sake.
+
+    `stdin_fd` is read once, only if a script is going to run, and replayed to
+    every script (None: scripts get empty input).
+    """
+    settings = limits(timeout, lambda message: log.record("-", f"config: {message}"))
+    directory = paths.custom_dir()
+    try:
+        scripts, ignored = discover(directory, event.operation)
+    except CustomDirError as error:
+        log.record("-", f"no scripts run: {error}")
+        return []
+    for item in ignored:
+        if item.notable:
+            log.record(item.name, f"ignored: {item.reason}")
+    if not scripts:
+        log.record("-", f"no scripts for {event.operation} in {directory}")
+        return []
+    stdin = _read_stdin(stdin_fd, log)
+    try:
+        return [_run_one(script, event, stdin, settings, log) for script in scripts]
+    finally:
+        stdin.close()
+
+
+def _read_stdin(stdin_fd: int | None, log: HookLog) -> process.Stdin:
+    try:
+        return process.Stdin(stdin_fd)
+    except OSError as error:
+        log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
+        return process.Stdin(None)
+
+
+def _run_one(
+    script: Script, event: Event, stdin: process.Stdin, settings: Limits, log: HookLog
+) -> Run:
+    argv = [script.path, *event.argv]
+    log.record(
+        script.name,
+        f"start: {' '.join(quote(arg) for arg in argv)} (timeout {settings.timeout:g}s)",
+    )
+    fd = stdin.open()
+    try:
+        outcome = process.run(argv, fd, settings.timeout, settings.grace, settings.max_output)
+    except OSError as error:
+        log.record(script.name, f"end: cannot execute: {error.strerror or error}")
+        return Run(script, None, error)
+    finally:
+        os.close(fd)
+    log.block(script.name, _end_records(outcome, settings))
+    return Run(script, outcome, None)
+
+
+def _end_records(outcome: process.Outcome, settings: Limits) -> Iterator[str]:
+    yield from output_lines(outcome.segments)
+    if outcome.dropped:
+        yield (
+            f"output: {outcome.dropped} more bytes dropped "
+            f"(KVMHOOK_MAX_OUTPUT={settings.max_output})"
+        )
+    status = outcome.status
+    if status is None:
+        how = "still alive after SIGKILL, left behind"
+    elif status < 0:
+        how = f"killed by {process.signal_name(-status)}"
+    else:
+        how = f"exit {status}"
+    if outcome.timed_out:
+        how = f"timed out after {settings.timeout:g}s, process group stopped; {how}"
+    yield f"end: {how} after {outcome.duration:.3f}s"

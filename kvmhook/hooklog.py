@@ -1,0 +1,164 @@
+"""The hook's log: record format and locked, append-only writes.
+
+One record is one line:
+
+    2026-11-24 13:45:01.123 +0000 pid=812 domain=vm1 op=start subop=begin script=all_a stdout: hi
+
+A script's output and its end are written as one block under an exclusive
+`flock`, so 50 hooks for different guests running at once never interleave
+inside each other's blocks. Records are written straight to the file
+descriptor: nothing is buffered in the process, so nothing is lost if the
+hook is killed between two records.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# The hot path must not pay for importing typing or collections.abc.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+# Flush the block to the file in pieces of about this size, so a script's
+# capped output never needs a second, formatted copy in memory.
+_WRITE_PIECE = 64 * 1024
+_SAFE_VALUE_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+@,/%"
+)
+# Control characters would split a record or drive the reader's terminal.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
+
+
+def quote(value: str) -> str:
+    """A field value as it appears in a record: bare when safe, else double-quoted."""
+    if value and all(c in _SAFE_VALUE_CHARS for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').translate(_ESCAPES)
+    return f'"{escaped}"'
+
+
+def clean(text: str) -> str:
+    """`text` with control characters escaped, safe to put in one record."""
+    return text.translate(_ESCAPES)
+
+
+def output_lines(segments: Iterable[tuple[str, bytes]]) -> Iterator[str]:
+    """Record texts for a script's captured output: one per line, tagged by stream."""
+    for stream, data in segments:
+        lines = data.decode("utf-8", "backslashreplace").split("\n")
+        if not lines[-1]:
+            lines.pop()  # the text after a final newline is no line
+        for line in lines:
+            yield f"{stream}: {clean(line)}"
+
+
+class HookLog:
+    """Appends records about one hook call to the log file.
+
+    If the file cannot be written, the hook carries on: the reason goes to
+    stderr once and later records are dropped (optionally still echoed).
+    """
+
+    def __init__(
+        self, path: str, domain: str, operation: str, subop: str, echo: object = None
+    ) -> None:
+        self.path = path
+        self._context = (
+            f"pid={os.getpid()} domain={quote(domain)} op={quote(operation)} subop={quote(subop)}"
+        )
+        self._echo = echo  # a text stream that also receives every record (CLI use)
+        self._fd: int | None = None
+        self._broken = False
+
+    def record(self, script: str, text: str) -> None:
+        """Append one record about `script` (`-` for the hook itself)."""
+        self.block(script, (text,))
+
+    def block(self, script: str, texts: Iterable[str]) -> None:
+        """Append records about `script` as one contiguous block."""
+        prefix = f"{_timestamp()} {self._context} script={quote(script)} "
+        pieces: list[str] = []
+        size = 0
+        fd = self._open()
+        if fd is not None:
+            self._lock(fd)
+        try:
+            for text in texts:
+                line = prefix + text + "\n"
+                if self._echo is not None:
+                    self._echo.write(line)
+                pieces.append(line)
+                size += len(line)
+                if size >= _WRITE_PIECE:
+                    self._write(fd, pieces)
+                    pieces, size = [], 0
+            self._write(fd, pieces)
+        finally:
+            if fd is not None:
+                self._unlock(fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int | None:
+        if self._fd is None and not self._broken:
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
+                self._fd = os.open(
+                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+                )
+            except OSError as error:
+                self._fail(error)
+        return self._fd
+
+    def _write(self, fd: int | None, pieces: list[str]) -> None:
+        if fd is None or self._broken or not pieces:
+            return
+        data = "".join(pieces).encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError as error:
+            self._fail(error)
+
+    def _lock(self, fd: int) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            self._fail(error)
+
+    def _unlock(self, fd: int) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # closing the file releases the lock anyway
+
+    def _fail(self, error: OSError) -> None:
+        if not self._broken:
+            self._broken = True
+            try:
+                sys.stderr.write(
+                    f"kvmhook: cannot write the log {self.path}: {error.strerror or error}; "
+                    "custom scripts still run\n"
+                )
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # stderr is gone too: nothing left to tell
+
+
+def _timestamp() -> str:
+    now = time.time()
+    local = time.localtime(now)
+    millis = int(now % 1 * 1000)
+    return (
+        time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{millis:03d} " + time.strftime("%z", local)
+    )

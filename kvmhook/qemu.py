@@ -1,0 +1,77 @@
+"""The libvirt qemu hook: `qemu OBJECT OPERATION SUBOP EXTRA`, domain XML on stdin.
+
+libvirtd runs this on every guest lifecycle event and waits for it, so it
+exits 0 whatever happens: an unknown operation, a failing or hanging custom
+script, an unwritable log, even a bug here must never block a guest. It
+writes nothing on stdout, where libvirt expects new domain XML for migrate
+and restore. Imports are kept to the few the run needs: every millisecond
+here is paid on every guest start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from kvmhook import dispatch, paths
+from kvmhook.hooklog import HookLog, clean
+
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None, timeout: float | None = None) -> int:
+    """Run the hook for `argv` (default: the command line); always returns 0.
+
+    `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
+    may run. KVMHOOK_TIMEOUT overrides it.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    log = HookLog(paths.log_file(), *_context(args))
+    try:
+        _run(args, timeout, log)
+    except Exception as error:  # a bug here must not block a guest: report it and let it start
+        _report_bug(error, log)
+    finally:
+        log.close()
+    return 0
+
+
+def _context(args: list[str]) -> tuple[str, str, str]:
+    padded = [*args, "-", "-", "-"]
+    return padded[0], padded[1], padded[2]
+
+
+def _run(args: list[str], timeout: float | None, log: HookLog) -> None:
+    if len(args) != 4:
+        log.record("-", f"wrong number of arguments ({len(args)}, expected 4): {_shown(args)}")
+        return
+    event = dispatch.Event(*args)
+    if event.operation not in dispatch.OPERATIONS:
+        log.record("-", f"unknown operation {event.operation!r}, no scripts run: {_shown(args)}")
+        return
+    stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
+    dispatch.run_hook(event, log, timeout, stdin_fd)
+
+
+def _shown(args: list[str]) -> str:
+    return clean(" ".join(repr(arg) for arg in args)) or "(none)"
+
+
+def _report_bug(error: Exception, log: HookLog) -> None:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    log.block(
+        "-",
+        [f"internal error, scripts may not have run: {error!r}", *map(clean, text.splitlines())],
+    )
+    try:
+        sys.stderr.write(f"kvmhook: internal error: {error!r}\n")
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
