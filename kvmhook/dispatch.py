@@ -6,18 +6,18 @@ so the order is the same on every machine and in every locale. Running a
 child is `process`'s job; the record format is `hooklog`'s.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 
-from kvmhook import paths, process
+from kvmhook import paths
 from kvmhook.errors import CustomDirError
 from kvmhook.hooklog import HookLog, output_lines, quote
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from kvmhook import process
 
 # The operations libvirt passes to the qemu hook, in the order of a guest's life.
 OPERATIONS = (
@@ -109,7 +109,7 @@ class Run:
     __slots__ = ("error", "outcome", "script")
 
     def __init__(
-        self, script: Script, outcome: process.Outcome | None, error: OSError | None
+        self, script: Script, outcome: "process.Outcome | None", error: "OSError | None"
     ) -> None:
         self.script = script
         self.outcome = outcome
@@ -147,7 +147,7 @@ def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored
     return [script for _, _, script in scripts], ignored
 
 
-def _classify(entry: os.DirEntry, operation: str) -> Script | Ignored:
+def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
     name = entry.name
     prefix, _, rest = name.partition("_")
     if not rest or prefix not in (operation, ALL):
@@ -177,7 +177,7 @@ def _classify(entry: os.DirEntry, operation: str) -> Script | Ignored:
     return Script(name, entry.path)
 
 
-def _unsafe_path(path: str, what: str) -> str | None:
+def _unsafe_path(path: str, what: str) -> "str | None":
     """Why `path` could be changed by someone other than root or us, or None.
 
     Checks the resolved path and every directory above it: a script is only
@@ -193,7 +193,7 @@ def _unsafe_path(path: str, what: str) -> str | None:
     return reason
 
 
-def _unsafe(st: os.stat_result, what: str, sticky_ok: bool) -> str | None:
+def _unsafe(st: os.stat_result, what: str, sticky_ok: bool) -> "str | None":
     if st.st_uid not in (0, os.geteuid()):
         return f"{what} is owned by uid {st.st_uid}, not root"
     mode = st.st_mode
@@ -202,7 +202,7 @@ def _unsafe(st: os.stat_result, what: str, sticky_ok: bool) -> str | None:
     return None
 
 
-def limits(timeout: float | None, complain: Callable[[str], None]) -> Limits:
+def limits(timeout: "float | None", complain: "Callable[[str], None]") -> Limits:
     """The limits in force: the launcher's `timeout`, overridden by KVMHOOK_* variables.
 
     An invalid value is reported through `complain` and its default applies.
@@ -221,7 +221,7 @@ def limits(timeout: float | None, complain: Callable[[str], None]) -> Limits:
 
 
 def _env_number(
-    name: str, default: float, kind: type, complain: Callable[[str], None], positive: bool
+    name: str, default: float, kind: type, complain: "Callable[[str], None]", positive: bool
 ) -> float:
     raw = os.environ.get(name)
     if raw is None:
@@ -244,7 +244,9 @@ def _valid(value: object, positive: bool) -> bool:
     return value == value and (value > 0 if positive else value >= 0) and value < 1e9
 
 
-def run_hook(event: Event, log: HookLog, timeout: float | None, stdin_fd: int | None) -> list[Run]:
+def run_hook(
+    event: Event, log: HookLog, timeout: "float | None", stdin_fd: "int | None"
+) -> list[Run]:
     """Run the custom scripts for `event`, logging each; never raises for a script's sake.
 
     `stdin_fd` is read once, only if a script is going to run, and replayed to
@@ -263,24 +265,31 @@ def run_hook(event: Event, log: HookLog, timeout: float | None, stdin_fd: int | 
     if not scripts:
         log.record("-", f"no scripts for {event.operation} in {directory}")
         return []
-    stdin = _read_stdin(stdin_fd, log)
+    return _run_scripts(scripts, event, settings, stdin_fd, log)
+
+
+def _run_scripts(
+    scripts: list[Script], event: Event, settings: Limits, stdin_fd: "int | None", log: HookLog
+) -> list[Run]:
+    # Imported only now: a hook with nothing to run skips what spawning costs.
+    from kvmhook import process
+
+    try:
+        stdin = process.Stdin(stdin_fd)
+    except OSError as error:
+        log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
+        stdin = process.Stdin(None)
     try:
         return [_run_one(script, event, stdin, settings, log) for script in scripts]
     finally:
         stdin.close()
 
 
-def _read_stdin(stdin_fd: int | None, log: HookLog) -> process.Stdin:
-    try:
-        return process.Stdin(stdin_fd)
-    except OSError as error:
-        log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
-        return process.Stdin(None)
-
-
 def _run_one(
-    script: Script, event: Event, stdin: process.Stdin, settings: Limits, log: HookLog
+    script: Script, event: Event, stdin: "process.Stdin", settings: Limits, log: HookLog
 ) -> Run:
+    from kvmhook import process
+
     argv = [script.path, *event.argv]
     log.record(
         script.name,
@@ -298,20 +307,14 @@ def _run_one(
     return Run(script, outcome, None)
 
 
-def _end_records(outcome: process.Outcome, settings: Limits) -> Iterator[str]:
+def _end_records(outcome: "process.Outcome", settings: Limits) -> "Iterator[str]":
     yield from output_lines(outcome.segments)
     if outcome.dropped:
         yield (
             f"output: {outcome.dropped} more bytes dropped "
             f"(KVMHOOK_MAX_OUTPUT={settings.max_output})"
         )
-    status = outcome.status
-    if status is None:
-        how = "still alive after SIGKILL, left behind"
-    elif status < 0:
-        how = f"killed by {process.signal_name(-status)}"
-    else:
-        how = f"exit {status}"
+    how = outcome.ending
     if outcome.timed_out:
         how = f"timed out after {settings.timeout:g}s, process group stopped; {how}"
     yield f"end: {how} after {outcome.duration:.3f}s"

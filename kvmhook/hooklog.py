@@ -11,8 +11,6 @@ descriptor: nothing is buffered in the process, so nothing is lost if the
 hook is killed between two records.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import time
@@ -45,7 +43,7 @@ def clean(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def output_lines(segments: Iterable[tuple[str, bytes]]) -> Iterator[str]:
+def output_lines(segments: "Iterable[tuple[str, bytes]]") -> "Iterator[str]":
     """Record texts for a script's captured output: one per line, tagged by stream."""
     for stream, data in segments:
         lines = data.decode("utf-8", "backslashreplace").split("\n")
@@ -77,7 +75,7 @@ class HookLog:
         """Append one record about `script` (`-` for the hook itself)."""
         self.block(script, (text,))
 
-    def block(self, script: str, texts: Iterable[str]) -> None:
+    def block(self, script: str, texts: "Iterable[str]") -> None:
         """Append records about `script` as one contiguous block."""
         prefix = f"{_timestamp()} {self._context} script={quote(script)} "
         pieces: list[str] = []
@@ -105,7 +103,7 @@ class HookLog:
             os.close(self._fd)
             self._fd = None
 
-    def _open(self) -> int | None:
+    def _open(self) -> "int | None":
         if self._fd is None and not self._broken:
             try:
                 os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
@@ -116,7 +114,7 @@ class HookLog:
                 self._fail(error)
         return self._fd
 
-    def _write(self, fd: int | None, pieces: list[str]) -> None:
+    def _write(self, fd: "int | None", pieces: list[str]) -> None:
         if fd is None or self._broken or not pieces:
             return
         data = "".join(pieces).encode("utf-8", "backslashreplace")

@@ -5,8 +5,6 @@ code without touching the host. libvirtd clears the environment before it
 runs the hook, so production always gets the defaults.
 """
 
-from __future__ import annotations
-
 import os
 
 

@@ -60,6 +60,15 @@ class Outcome:
         self.segments = segments
         self.dropped = dropped
 
+    @property
+    def ending(self) -> str:
+        """How the child ended, in words: `exit 0`, `killed by SIGKILL`."""
+        if self.status is None:
+            return "still alive after SIGKILL, left behind"
+        if self.status < 0:
+            return f"killed by {signal_name(-self.status)}"
+        return f"exit {self.status}"
+
 
 class Stdin:
     """The hook's stdin, read once and replayed to every child.

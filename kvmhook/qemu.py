@@ -8,8 +8,6 @@ and restore. Imports are kept to the few the run needs: every millisecond
 here is paid on every guest start.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -21,7 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
-def main(argv: Sequence[str] | None = None, timeout: float | None = None) -> int:
+def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
     """Run the hook for `argv` (default: the command line); always returns 0.
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
@@ -43,7 +41,7 @@ def _context(args: list[str]) -> tuple[str, str, str]:
     return padded[0], padded[1], padded[2]
 
 
-def _run(args: list[str], timeout: float | None, log: HookLog) -> None:
+def _run(args: list[str], timeout: "float | None", log: HookLog) -> None:
     if len(args) != 4:
         log.record("-", f"wrong number of arguments ({len(args)}, expected 4): {_shown(args)}")
         return
