@@ -127,8 +127,8 @@ def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored
     Raises CustomDirError when the directory is missing, unreadable or unsafe.
     """
     try:
-        reason = _unsafe_path(directory, "custom dir")
-        entries = list(os.scandir(directory)) if reason is None else []
+        real, reason = _resolve(directory, "custom dir")
+        entries = list(os.scandir(real)) if reason is None else []
     except OSError as error:
         raise CustomDirError(f"custom dir {directory}: {error.strerror or error}") from None
     if reason is not None:
@@ -169,7 +169,7 @@ def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
     reason = _unsafe(st, "script", sticky_ok=False)
     if reason is None and entry.is_symlink():
         try:
-            reason = _unsafe_path(os.path.realpath(entry.path), "link target")
+            reason = _resolve(entry.path, "link target")[1]
         except OSError as error:
             reason = f"cannot check the link target: {error.strerror}"
     if reason is not None:
@@ -177,14 +177,40 @@ def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
     return Script(name, entry.path)
 
 
-def _unsafe_path(path: str, what: str) -> "str | None":
-    """Why `path` could be changed by someone other than root or us, or None.
+def _resolve(path: str, what: str) -> "tuple[str, str | None]":
+    """`path` resolved as realpath does, and why it is unsafe, or None.
 
-    Checks the resolved path and every directory above it: a script is only
-    as safe as the directories that hold it. Root-owned sticky directories
-    (such as /tmp) above it are fine: others cannot replace what is in them.
+    Unsafe: the file, a directory above it, or a directory holding one of
+    the links followed on the way could be changed by someone but root or
+    us; such a person could then choose what runs.
     """
-    real = os.path.realpath(path)
+    pending = [part for part in reversed(path.split("/")) if part not in ("", ".")]
+    current = "/" if path.startswith("/") else os.getcwd()
+    links = 0
+    while pending:
+        part = pending.pop()
+        candidate = os.path.dirname(current) if part == ".." else os.path.join(current, part)
+        if part != ".." and os.path.islink(candidate):
+            links += 1
+            reason = "too many links" if links > 40 else _unsafe_path(current, "link's directory")
+            if reason is not None:
+                return candidate, reason
+            target = os.readlink(candidate)
+            pending.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
+            if target.startswith("/"):
+                current = "/"
+            continue
+        current = candidate
+    return current, _unsafe_path(current, what)
+
+
+def _unsafe_path(real: str, what: str) -> "str | None":
+    """Why the resolved path `real` could be changed by someone but root or us, or None.
+
+    Checks it and every directory above it: a script is only as safe as the
+    directories that hold it. Root-owned sticky directories (such as /tmp)
+    above it are fine: others cannot replace what is in them.
+    """
     reason = _unsafe(os.stat(real), f"{what} {real}", sticky_ok=False)
     parent = real
     while reason is None and parent != os.path.dirname(parent):
@@ -240,8 +266,8 @@ def _env_number(
 def _valid(value: object, positive: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    # value == value rules out NaN; the upper bound rules out infinity (a hook must end).
-    return value == value and (value > 0 if positive else value >= 0) and value < 1e9
+    # value == value rules out NaN, and the bound infinity: a hook must end.
+    return value == value and (value > 0 if positive else value >= 0) and value != float("inf")
 
 
 def run_hook(
@@ -299,12 +325,24 @@ def _run_one(
     try:
         outcome = process.run(argv, fd, settings.timeout, settings.grace, settings.max_output)
     except OSError as error:
-        log.record(script.name, f"end: cannot execute: {error.strerror or error}")
+        log.record(script.name, f"end: cannot execute: {_exec_problem(error, script.path)}")
         return Run(script, None, error)
     finally:
         os.close(fd)
     log.block(script.name, _end_records(outcome, settings))
     return Run(script, outcome, None)
+
+
+def _exec_problem(error: OSError, path: str) -> str:
+    """The OS error of a failed exec, with the likely cause the bare errno hides."""
+    import errno
+
+    problem = error.strerror or str(error)
+    if error.errno == errno.ENOEXEC:
+        return f"{problem} (does it start with a #! line?)"
+    if error.errno == errno.ENOENT and os.path.exists(path):
+        return f"{problem} (the interpreter named in its #! line)"
+    return problem
 
 
 def _end_records(outcome: "process.Outcome", settings: Limits) -> "Iterator[str]":

@@ -26,8 +26,10 @@ _WRITE_PIECE = 64 * 1024
 _SAFE_VALUE_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+@,/%"
 )
-# Control characters would split a record or drive the reader's terminal.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
+# Control characters and Unicode line breaks would split a record (for
+# readers that honour them) or drive the reader's terminal.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160)) if c != 9}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def quote(value: str) -> str:

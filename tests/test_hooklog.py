@@ -145,12 +145,6 @@ def test_output_lines_one_record_per_output_line_for_any_bytes(data):
         assert "\x7f" not in record
 
 
-@pytest.mark.xfail(
-    reason="BUG: hooklog._ESCAPES covers only C0 and DEL; C1 controls (U+0080-U+009F, "
-    "e.g. NEL U+0085, CSI U+009B) and U+2028/U+2029 pass through clean() unescaped, so "
-    "one output line can split into several lines for str.splitlines readers",
-    strict=True,
-)
 @pytest.mark.parametrize("char", ["\x85", "\x9b", "\u2028", "\u2029"])
 def test_output_lines_escapes_unicode_line_breaks_and_c1_controls(char):
     """A script line holding NEL, CSI or U+2028/9 stays one record with no control left."""

@@ -1,0 +1,456 @@
+"""Unit tests of discovery, ordering, safety checks, limits and path resolution.
+
+Discovery runs on a pyfakefs file system where that is enough, and on a real
+temporary directory where byte-level names or many examples need one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmhook import dispatch, paths, process
+from kvmhook.errors import CustomDirError
+
+# The spec's list (issue 2, rule 2), kept here so a change in dispatch is caught.
+LEFTOVERS = (
+    "~",
+    ".swp",
+    ".dpkg-old",
+    ".dpkg-dist",
+    ".dpkg-new",
+    ".dpkg-tmp",
+    ".rpmsave",
+    ".rpmnew",
+    ".rpmorig",
+)
+CUSTOM = "/custom"
+
+
+@pytest.fixture
+def custom(fs):
+    """A safe, empty custom dir on a fake file system (root-owned, mode 0755 all the way up)."""
+    os.chmod("/", 0o755)
+    fs.create_dir(CUSTOM, perm_bits=0o755)
+    return fs
+
+
+def put(fs, name: str, mode: int = 0o755, kind: int = stat.S_IFREG) -> str:
+    """Create a file in the fake custom dir with exactly `mode`."""
+    path = f"{CUSTOM}/{name}"
+    fs.create_file(path, st_mode=kind | mode)
+    os.chmod(path, mode)
+    return path
+
+
+def names(found: list) -> list[str]:
+    return [item.name for item in found]
+
+
+def reasons(ignored: list) -> dict[str, tuple[str, bool]]:
+    return {item.name: (item.reason, item.notable) for item in ignored}
+
+
+# --- naming (rule 2) ---------------------------------------------------------
+
+
+def test_discover_keeps_operation_and_all_prefixes_with_a_nonempty_rest(custom):
+    """Only `start_<rest>` and `all_<rest>` with a non-empty rest qualify for start."""
+    for name in (
+        "start_a",
+        "all_b",
+        "start_",
+        "all_",
+        "startx",
+        "foo_bar",
+        "started_x",
+        "stopped_y",
+        "_x",
+        "x",
+        "Start_x",
+        "ALL_x",
+    ):
+        put(custom, name)
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert names(scripts) == ["start_a", "all_b"]
+    assert set(names(ignored)) == {
+        "start_",
+        "all_",
+        "startx",
+        "foo_bar",
+        "started_x",
+        "stopped_y",
+        "_x",
+        "x",
+        "Start_x",
+        "ALL_x",
+    }
+
+
+def test_discover_says_why_a_name_does_not_qualify(custom):
+    """Other operations' scripts and foreign names are ignored, not notable, with a reason."""
+    put(custom, "started_x")
+    put(custom, "foo_bar")
+    put(custom, "start_")
+    _, ignored = dispatch.discover(CUSTOM, "start")
+    found = reasons(ignored)
+    assert found["started_x"] == ("runs for started only", False)
+    assert "name is not" in found["foo_bar"][0] and not found["foo_bar"][1]
+    assert "name is not" in found["start_"][0] and not found["start_"][1]
+
+
+@pytest.mark.parametrize("suffix", LEFTOVERS)
+def test_discover_never_runs_leftovers(custom, suffix):
+    """An editor or package-manager leftover never runs, even with a qualifying name."""
+    put(custom, "all_a" + suffix)
+    put(custom, "start_b" + suffix)
+    put(custom, "all_keep")
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert names(scripts) == ["all_keep"]
+    assert reasons(ignored)["all_a" + suffix] == ("editor or package-manager leftover", False)
+    assert "start_b" + suffix in names(ignored)
+
+
+def test_discover_runs_regular_files_and_symlinks_to_them_only(custom):
+    """A symlink to a regular file runs; directory, fifo, socket and broken link are notable."""
+    put(custom, "all_file")
+    custom.create_file("/elsewhere/target", st_mode=stat.S_IFREG | 0o755)
+    os.chmod("/elsewhere", 0o755)
+    custom.create_symlink(f"{CUSTOM}/all_link", "/elsewhere/target")
+    custom.create_dir(f"{CUSTOM}/all_dir", perm_bits=0o755)
+    put(custom, "all_fifo", kind=stat.S_IFIFO)
+    put(custom, "all_sock", kind=stat.S_IFSOCK)
+    custom.create_symlink(f"{CUSTOM}/all_broken", "/nowhere")
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert names(scripts) == ["all_file", "all_link"]
+    assert reasons(ignored) == {
+        "all_dir": ("not a regular file", True),
+        "all_fifo": ("not a regular file", True),
+        "all_sock": ("not a regular file", True),
+        "all_broken": ("broken symbolic link", True),
+    }
+
+
+# --- executability and safety (rules 4 and 5) --------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o444])
+def test_discover_ignores_non_executable_with_reason(custom, mode):
+    """A qualifying file with no execute bit is notable and says `not executable (mode ...)`."""
+    put(custom, "all_x", mode=mode)
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert scripts == []
+    assert reasons(ignored)["all_x"] == (f"not executable (mode {mode:04o})", True)
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777, 0o2775])
+def test_discover_refuses_script_writable_by_group_or_others(custom, mode):
+    """A script others could change is refused, with the mode in the reason."""
+    put(custom, "all_x", mode=mode)
+    put(custom, "all_y", mode=0o755)
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert names(scripts) == ["all_y"]
+    reason, notable = reasons(ignored)["all_x"]
+    assert notable
+    assert reason.startswith("refused: ")
+    assert f"writable by group or others (mode {mode:04o})" in reason
+
+
+def test_discover_refuses_script_owned_by_another_user(custom):
+    """A script owned by a user other than root or us is refused, naming the uid."""
+    path = put(custom, "all_x")
+    os.chown(path, 65534, 65534)
+    scripts, ignored = dispatch.discover(CUSTOM, "start")
+    assert scripts == []
+    assert "owned by uid 65534" in reasons(ignored)["all_x"][0]
+
+
+@pytest.mark.parametrize(
+    ("where", "change", "words"),
+    [
+        (CUSTOM, lambda path: os.chmod(path, 0o777), "writable by group or others"),
+        (CUSTOM, lambda path: os.chmod(path, 0o775), "writable by group or others"),
+        (CUSTOM, lambda path: os.chmod(path, 0o1777), "writable by group or others"),
+        (CUSTOM, lambda path: os.chown(path, 65534, 0), "owned by uid 65534"),
+        ("/", lambda path: os.chmod(path, 0o757), "directory / is writable"),
+    ],
+)
+def test_discover_refuses_unsafe_custom_dir(custom, where, change, words):
+    """A custom dir (or a directory above it) others could change refuses everything."""
+    put(custom, "all_x")
+    change(where)
+    with pytest.raises(CustomDirError, match="refused custom dir") as raised:
+        dispatch.discover(CUSTOM, "start")
+    assert words in str(raised.value)
+
+
+def test_discover_allows_root_sticky_directory_above(custom):
+    """A root-owned sticky world-writable directory above the custom dir (like /tmp) is fine."""
+    custom.create_dir("/tmp/hooks", perm_bits=0o755)
+    os.chmod("/tmp", 0o1777)
+    custom.create_file("/tmp/hooks/all_x", st_mode=stat.S_IFREG | 0o755)
+    os.chmod("/tmp/hooks/all_x", 0o755)
+    scripts, _ = dispatch.discover("/tmp/hooks", "start")
+    assert names(scripts) == ["all_x"]
+
+
+def test_discover_missing_dir_raises_and_does_not_create_it(custom):
+    """A missing custom dir raises CustomDirError and is not created."""
+    with pytest.raises(CustomDirError, match="No such file or directory"):
+        dispatch.discover("/nope/custom", "start")
+    assert not os.path.exists("/nope")
+
+
+# --- order (rule 3) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "operation", "order"),
+    [
+        (["all_cde.sh", "migrate_abc.py"], "migrate", ["migrate_abc.py", "all_cde.sh"]),
+        (["start_x", "all_x"], "start", ["all_x", "start_x"]),
+        (["all_a", "all__x", "all_B"], "start", ["all_B", "all__x", "all_a"]),
+        (["all_10", "all_9", "all_1"], "start", ["all_1", "all_10", "all_9"]),
+        (["all_é", "all_z", "all_Z", "all_e"], "start", ["all_Z", "all_e", "all_z", "all_é"]),
+        (["start_a_b", "all_a", "all_a_a"], "start", ["all_a", "all_a_a", "start_a_b"]),
+    ],
+)
+def test_discover_orders_by_rest_bytes_then_full_name(custom, files, operation, order):
+    """Scripts run ordered by the name after the prefix, as bytes, ties by the full name."""
+    for name in reversed(files):
+        put(custom, name)
+    scripts, _ = dispatch.discover(CUSTOM, operation)
+    assert names(scripts) == order
+
+
+def make_dir(names_: list[str]) -> tempfile.TemporaryDirectory:
+    """A real temporary directory (mode 0700, under root-owned sticky /tmp) with executables."""
+    directory = tempfile.TemporaryDirectory()
+    for name in names_:
+        path = os.path.join(directory.name, name)
+        with open(path, "wb") as handle:
+            handle.write(b"#!/bin/sh\n")
+        os.chmod(path, 0o755)
+    return directory
+
+
+def test_discover_orders_by_bytes_not_by_code_points():
+    """Order follows the names' bytes, not Python's code-point order of decoded names."""
+    undecodable = os.fsdecode(b"all_\xff")  # U+DCFF after surrogateescape
+    private = "all_\ue000"  # bytes EE 80 80: before FF, but code point E000 > DCFF
+    assert sorted([undecodable, private]) == [undecodable, private]
+    with make_dir([undecodable, private, "all_é"]) as directory:
+        scripts, _ = dispatch.discover(directory, "start")
+    assert [os.fsencode(name) for name in names(scripts)] == [
+        "all_é".encode(),
+        "all_\ue000".encode(),
+        b"all_\xff",
+    ]
+
+
+_prefixes = st.sampled_from(["all", "start", "started", "stopped", "", "x", "ALL"])
+_texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"),
+    max_size=6,
+)
+_raw = st.binary(max_size=6).filter(lambda data: b"/" not in data and b"\x00" not in data)
+_suffixes = st.sampled_from(["", "", "", "", *LEFTOVERS])
+_text_names = st.builds(
+    lambda prefix, sep, rest, suffix: prefix + sep + rest + suffix,
+    _prefixes,
+    st.sampled_from(["_", "_", ""]),
+    _texts,
+    _suffixes,
+)
+_byte_names = st.builds(
+    lambda prefix, rest: os.fsdecode(prefix.encode() + b"_" + rest), _prefixes, _raw
+)
+_names = (_text_names | _byte_names).filter(
+    lambda name: name not in ("", ".", "..") and len(os.fsencode(name)) <= 255
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_names, max_size=12, unique=True))
+def test_discover_order_property(listing):
+    """For any directory, exactly the qualifying names run, sorted by (rest, name) bytes."""
+    with make_dir(listing) as directory:
+        scripts, ignored = dispatch.discover(directory, "start")
+    qualifying = [
+        name
+        for name in listing
+        if name.partition("_")[0] in ("start", "all")
+        and name.partition("_")[2]
+        and not name.endswith(LEFTOVERS)
+    ]
+    expected = sorted(
+        qualifying, key=lambda name: (os.fsencode(name.partition("_")[2]), os.fsencode(name))
+    )
+    assert names(scripts) == expected
+    assert sorted(names(ignored)) == sorted(set(listing) - set(qualifying))
+
+
+# --- small types ---------------------------------------------------------------
+
+
+def test_event_argv_defaults_subop_and_extra_to_dash():
+    """An event's argv is the hook's four arguments, `-` standing for a missing one."""
+    assert dispatch.Event("vm1", "start").argv == ["vm1", "start", "-", "-"]
+    assert dispatch.Event("vm1", "start", "begin", "x").argv == ["vm1", "start", "begin", "x"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "error", "failed"),
+    [
+        (process.Outcome(0, False, 0.0, [], 0), None, False),
+        (process.Outcome(1, False, 0.0, [], 0), None, True),
+        (process.Outcome(-15, False, 0.0, [], 0), None, True),
+        (process.Outcome(0, True, 0.0, [], 0), None, True),
+        (None, OSError(8, "Exec format error"), True),
+    ],
+)
+def test_run_failed_means_nonzero_signal_timeout_or_not_started(outcome, error, failed):
+    """A run failed unless its script exited 0 within its time."""
+    run = dispatch.Run(dispatch.Script("all_x", "/x"), outcome, error)
+    assert run.failed is failed
+
+
+# --- paths -------------------------------------------------------------------
+
+
+def test_paths_default_to_the_real_host(monkeypatch):
+    """Without overrides the paths are the production ones."""
+    for name in ("KVMHOOK_ROOT", "KVMHOOK_CUSTOM_DIR", "KVMHOOK_LOG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert paths.root() == "/"
+    assert paths.custom_dir() == "/etc/libvirt/hooks/custom"
+    assert paths.log_file() == "/var/log/libvirt/qemu-hook.log"
+
+
+def test_paths_honour_kvmhook_root(monkeypatch):
+    """KVMHOOK_ROOT prefixes every default path."""
+    monkeypatch.delenv("KVMHOOK_CUSTOM_DIR", raising=False)
+    monkeypatch.delenv("KVMHOOK_LOG_FILE", raising=False)
+    monkeypatch.setenv("KVMHOOK_ROOT", "/sandbox")
+    assert paths.root() == "/sandbox"
+    assert paths.under_root("/etc/x") == "/sandbox/etc/x"
+    assert paths.custom_dir() == "/sandbox/etc/libvirt/hooks/custom"
+    assert paths.log_file() == "/sandbox/var/log/libvirt/qemu-hook.log"
+
+
+def test_paths_explicit_overrides_win_over_root(monkeypatch):
+    """KVMHOOK_CUSTOM_DIR and KVMHOOK_LOG_FILE override the root-derived defaults."""
+    monkeypatch.setenv("KVMHOOK_ROOT", "/sandbox")
+    monkeypatch.setenv("KVMHOOK_CUSTOM_DIR", "/my/scripts")
+    monkeypatch.setenv("KVMHOOK_LOG_FILE", "/my/hook.log")
+    assert paths.custom_dir() == "/my/scripts"
+    assert paths.log_file() == "/my/hook.log"
+
+
+def test_paths_empty_variables_count_as_unset(monkeypatch):
+    """An empty KVMHOOK_* variable falls back to the default rather than to ''."""
+    monkeypatch.setenv("KVMHOOK_ROOT", "")
+    monkeypatch.setenv("KVMHOOK_CUSTOM_DIR", "")
+    monkeypatch.setenv("KVMHOOK_LOG_FILE", "")
+    assert paths.custom_dir() == "/etc/libvirt/hooks/custom"
+    assert paths.log_file() == "/var/log/libvirt/qemu-hook.log"
+
+
+# --- limits --------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("KVMHOOK_TIMEOUT", "KVMHOOK_TERM_GRACE", "KVMHOOK_MAX_OUTPUT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def limits(timeout=None):
+    complaints: list[str] = []
+    return dispatch.limits(timeout, complaints.append), complaints
+
+
+def test_limits_defaults(clean_env):
+    """With no launcher value and no variables: 600 s timeout, 5 s grace, 1 MiB output."""
+    found, complaints = limits()
+    assert (found.timeout, found.grace, found.max_output) == (600.0, 5.0, 1024 * 1024)
+    assert complaints == []
+
+
+def test_limits_launcher_timeout_then_variable_override(clean_env):
+    """The launcher's timeoutSeconds applies, and KVMHOOK_TIMEOUT overrides it."""
+    assert limits(30)[0].timeout == 30.0
+    clean_env.setenv("KVMHOOK_TIMEOUT", "2.5")
+    found, complaints = limits(30)
+    assert found.timeout == 2.5
+    assert complaints == []
+
+
+@pytest.mark.parametrize("value", [0, -1, "600", True, float("nan"), float("inf")])
+def test_limits_invalid_launcher_timeout_complains_and_uses_default(clean_env, value):
+    """An invalid timeoutSeconds is reported and 600 s applies."""
+    found, complaints = limits(value)
+    assert found.timeout == 600.0
+    assert len(complaints) == 1 and "timeoutSeconds" in complaints[0]
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-5", "nan", "inf", "-inf"])
+def test_limits_invalid_timeout_variable_keeps_launcher_value(clean_env, raw):
+    """An invalid KVMHOOK_TIMEOUT is reported and the launcher's value stays in force."""
+    clean_env.setenv("KVMHOOK_TIMEOUT", raw)
+    found, complaints = limits(30)
+    assert found.timeout == 30.0
+    assert len(complaints) == 1
+    assert "KVMHOOK_TIMEOUT" in complaints[0] and repr(raw) in complaints[0]
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "-0.5", "nan", "inf", "5s"])
+def test_limits_invalid_term_grace_complains_and_uses_default(clean_env, raw):
+    """An invalid KVMHOOK_TERM_GRACE is reported and 5 s applies."""
+    clean_env.setenv("KVMHOOK_TERM_GRACE", raw)
+    found, complaints = limits()
+    assert found.grace == 5.0
+    assert len(complaints) == 1
+    assert "KVMHOOK_TERM_GRACE" in complaints[0] and repr(raw) in complaints[0]
+
+
+@pytest.mark.parametrize(("raw", "value"), [("0", 0.0), ("0.25", 0.25), ("30", 30.0)])
+def test_limits_valid_term_grace_applies(clean_env, raw, value):
+    """KVMHOOK_TERM_GRACE of 0 or more is used as is."""
+    clean_env.setenv("KVMHOOK_TERM_GRACE", raw)
+    found, complaints = limits()
+    assert found.grace == value
+    assert complaints == []
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "1.5", "1e3", "1MiB"])
+def test_limits_invalid_max_output_complains_and_uses_default(clean_env, raw):
+    """An invalid KVMHOOK_MAX_OUTPUT is reported and 1 MiB applies."""
+    clean_env.setenv("KVMHOOK_MAX_OUTPUT", raw)
+    found, complaints = limits()
+    assert found.max_output == 1024 * 1024
+    assert len(complaints) == 1
+    assert "KVMHOOK_MAX_OUTPUT" in complaints[0] and repr(raw) in complaints[0]
+
+
+@pytest.mark.parametrize(("raw", "value"), [("0", 0), ("4096", 4096), ("10485760", 10485760)])
+def test_limits_valid_max_output_applies(clean_env, raw, value):
+    """KVMHOOK_MAX_OUTPUT of 0 or more bytes is used as an int."""
+    clean_env.setenv("KVMHOOK_MAX_OUTPUT", raw)
+    found, complaints = limits()
+    assert found.max_output == value and isinstance(found.max_output, int)
+    assert complaints == []
+
+
+def test_limits_max_output_of_one_gib_is_accepted(clean_env):
+    """A KVMHOOK_MAX_OUTPUT of 1 GiB is a valid byte count and applies without complaint."""
+    clean_env.setenv("KVMHOOK_MAX_OUTPUT", str(1024**3))
+    found, complaints = limits()
+    assert complaints == []
+    assert found.max_output == 1024**3
