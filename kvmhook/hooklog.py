@@ -45,14 +45,18 @@ def clean(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
-def output_lines(segments: "Iterable[tuple[str, bytes]]") -> "Iterator[str]":
+def output_lines(segments: "Iterable[tuple[str, bytes | bytearray]]") -> "Iterator[str]":
     """Record texts for a script's captured output: one per line, tagged by stream."""
     for stream, data in segments:
-        lines = data.decode("utf-8", "backslashreplace").split("\n")
-        if not lines[-1]:
-            lines.pop()  # the text after a final newline is no line
-        for line in lines:
-            yield f"{stream}: {clean(line)}"
+        # One line at a time: a megabyte of short lines must not become a
+        # list of a few hundred thousand strings.
+        start, end = 0, len(data)
+        while start < end:
+            stop = data.find(b"\n", start)
+            if stop < 0:
+                stop = end
+            yield f"{stream}: {clean(data[start:stop].decode('utf-8', 'backslashreplace'))}"
+            start = stop + 1
 
 
 class HookLog:

@@ -19,6 +19,10 @@ import os
 import select
 import time
 
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 _READ_SIZE = 256 * 1024
 # After the child exits, how long to keep reading output that its
 # descendants may still be writing before moving on without them.
@@ -28,9 +32,10 @@ _LINGER = 0.25
 _KILL_WAIT = 0.5
 # How often to look for the child's exit where pidfds are not available.
 _TICK = 0.01
-# Bytes charged against the output cap for each change of stream, so that
-# tiny interleaved writes cannot make the bookkeeping outgrow the cap.
-_SEGMENT_COST = 128
+# Each change between stdout and stderr starts a new segment; past this many,
+# output from the other stream is dropped, so that tiny interleaved writes
+# cannot make the bookkeeping outgrow the cap.
+_MAX_SEGMENTS = 1024
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, only named in Python >= 3.10
 _STDOUT, _STDERR = "stdout", "stderr"
 
@@ -51,7 +56,7 @@ class Outcome:
         status: int | None,
         timed_out: bool,
         duration: float,
-        segments: list[tuple[str, bytes]],
+        segments: list[tuple[str, bytearray]],
         dropped: int,
     ) -> None:
         self.status = status
@@ -109,12 +114,13 @@ class _Output:
         self.dropped = 0
 
     def add(self, stream: str, data: bytes) -> None:
-        same = bool(self.segments) and self.segments[-1][0] == stream
-        keep = max(0, min(len(data), self.room - (0 if same else _SEGMENT_COST)))
-        if keep:
-            if not same:
+        keep = min(len(data), self.room)
+        if keep and not (self.segments and self.segments[-1][0] == stream):
+            if len(self.segments) < _MAX_SEGMENTS:
                 self.segments.append((stream, bytearray()))
-                self.room -= _SEGMENT_COST
+            else:
+                keep = 0
+        if keep:
             self.segments[-1][1].extend(data[:keep])
             self.room -= keep
         self.dropped += len(data) - keep
@@ -140,7 +146,7 @@ def run(argv: list[str], stdin_fd: int, timeout: float, grace: float, cap: int) 
         pid = os.posix_spawn(
             argv[0],
             argv,
-            os.environ,
+            _environment(),
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),
@@ -215,7 +221,7 @@ def _supervise(
         status,
         stage > 0,
         time.monotonic() - start,
-        [(stream, bytes(data)) for stream, data in output.segments],
+        output.segments,
         output.dropped,
     )
 
@@ -228,6 +234,22 @@ def _read(fd: int, pipes: dict[int, str], poller: select.poll, output: _Output) 
         poller.unregister(fd)
         os.close(fd)
         del pipes[fd]
+
+
+def _environment() -> Mapping[str, str]:
+    """The hook's environment as it started, for its children.
+
+    With no locale set, Python's start-up locale coercion (PEP 538) adds
+    LC_CTYPE=C.UTF-8 to os.environ, and not even -I stops it. libvirt sets
+    LC_ALL=C, which prevents it; a hook run by hand needs it undone.
+    """
+    if "LC_CTYPE" not in os.environ:
+        return os.environ
+    with open("/proc/self/environ", "rb") as startup:
+        variables = startup.read().split(b"\0")
+    if any(variable.startswith(b"LC_CTYPE=") for variable in variables):
+        return os.environ
+    return {name: value for name, value in os.environ.items() if name != "LC_CTYPE"}
 
 
 def _widen(fd: int) -> None:
