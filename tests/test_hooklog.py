@@ -26,11 +26,11 @@ def unquote(value: str) -> str:
 
     def undo(match: re.Match) -> str:
         escape = match.group(1)
-        if escape.startswith("x") and len(escape) == 3:
+        if escape[0] in "xu" and len(escape) > 1:
             return chr(int(escape[1:], 16))
         return escape
 
-    return re.sub(r"\\(x[0-9a-f]{2}|.)", undo, value[1:-1])
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)", undo, value[1:-1])
 
 
 def controls(text: str) -> list[str]:
