@@ -214,8 +214,10 @@ def test_order_examples_from_the_issue(host, files, operation, order):
 
 # U+E000 (EE 80 80) sorts before the undecodable FF as bytes, after it as decoded text.
 UNICODE_ORDER = [
+    b"all_ leading space",
     b"all_Z",
     b"all_a",
+    b"all_a b c",
     b"all_z",
     "all_é".encode(),
     "all_ü".encode(),
@@ -235,7 +237,7 @@ UNICODE_ORDER = [
     ids=["C", "C.UTF-8", "C-ascii-fs", "utf8-mode"],
 )
 def test_unicode_names_run_in_byte_order_in_any_locale(host, locale_env):
-    """Unicode and undecodable names run in byte order whatever the locale."""
+    """Names with spaces, unicode or undecodable bytes run in byte order whatever the locale."""
     for name in reversed(UNICODE_ORDER):
         recorder(host, os.fsdecode(name))
     env = host.env(**locale_env)
