@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import field
+from sandbox import field
 
 from kvmhook.cli import main
 

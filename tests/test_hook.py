@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import LAUNCHER_TEMPLATE, field
+from sandbox import LAUNCHER_TEMPLATE, field
 
 OPERATIONS = (
     "prepare",

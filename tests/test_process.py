@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import field
+from sandbox import field
 
 from kvmhook import process
 
