@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import click
 
 from kvmhook.cli.hooks import hooks
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="kvmhook")
+# version= rather than package_name=: RHEL 9 ships click 7.1, which lacks the latter.
+@click.version_option(version=version("kvmhook"), prog_name="kvmhook")
 def main() -> None:
     """Operate the kvmhook agent package on a KVM host."""
 

@@ -1,0 +1,140 @@
+"""Helpers for the end-to-end tests: packages, a libvirtd of our own, guests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOOK = Path("/etc/libvirt/hooks/qemu")
+CUSTOM = Path("/etc/libvirt/hooks/custom")
+LOG = Path("/var/log/libvirt/qemu-hook.log")
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+SCRATCH = Path("/run/kvmhook-e2e")
+GUEST_PREFIX = "kvmhook-e2e-"
+CONTAINER_QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+remember_owner = 0
+stdio_handler = "file"
+"""
+TOOLS = ("libvirtd", "virsh", "qemu-system-x86_64", "dpkg-buildpackage", "apt-get", "make")
+APT_ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+
+def run(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, text output captured; a failure shows its output."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def version() -> str:
+    for line in (REPO / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version = "):
+            return line.split('"')[1]
+    raise AssertionError("no version in pyproject.toml")
+
+
+def apt_install(deb: Path) -> subprocess.CompletedProcess:
+    """Install a .deb with apt (dependencies from the archive); output kept."""
+    result = subprocess.run(
+        ["apt-get", "install", "-y", "--allow-downgrades", str(deb)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=APT_ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def apt(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["apt-get", "-y", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=APT_ENV,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def package_state() -> str:
+    """dpkg's status of kvmhook: 'installed', 'config-files' or 'not-installed'."""
+    result = run("dpkg-query", "-W", "-f=${db:Status-Status}", "kvmhook", check=False)
+    return result.stdout.strip() or "not-installed"
+
+
+class Libvirtd:
+    """A libvirtd of our own, started by hand as in libvirt-facts.md."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                ["libvirtd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 30
+        while run("virsh", "-c", "qemu:///system", "version", check=False).returncode != 0:
+            assert self.process.poll() is None, f"libvirtd died: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "libvirtd did not answer within 30 s"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def running_libvirtd() -> list[str]:
+    return run("pidof", "libvirtd", "virtqemud", check=False).stdout.split()
+
+
+def guests() -> list[str]:
+    names = run("virsh", "list", "--all", "--name", check=False).stdout.split()
+    return [name for name in names if name.startswith(GUEST_PREFIX)]
+
+
+def define_guest(name: str) -> str:
+    """Define a tiny diskless TCG guest; returns its UUID."""
+    xml = (
+        f"<domain type='qemu'><name>{GUEST_PREFIX}{name}</name>"
+        "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+        "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        "<console type='pty'/></devices></domain>"
+    )
+    path = SCRATCH / f"{name}.xml"
+    path.write_text(xml)
+    run("virsh", "define", str(path))
+    return run("virsh", "domuuid", GUEST_PREFIX + name).stdout.strip()
+
+
+def log_records() -> list[str]:
+    return LOG.read_text(errors="replace").splitlines() if LOG.exists() else []

@@ -1,0 +1,157 @@
+"""The .deb's life on a host: install, upgrade, remove, purge, and a hook that was there before."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from harness import (
+    CUSTOM,
+    GUEST_PREFIX,
+    HOOK,
+    LOG,
+    REPO,
+    apt,
+    apt_install,
+    define_guest,
+    package_state,
+    run,
+    version,
+)
+
+PREVIOUS = Path("/etc/libvirt/hooks/qemu.pre-kvmhook")
+CHAIN = CUSTOM / "all_00-previous-qemu-hook"
+LOGROTATE = Path("/etc/logrotate.d/kvmhook")
+XML = b"<domain><name>pkgtest</name></domain>"
+
+
+@pytest.fixture
+def clean_host(prerequisites):
+    """No kvmhook package, no qemu hook: the state of a host before the first install."""
+    if package_state() != "not-installed":
+        apt("purge", "kvmhook")
+    for leftover in (HOOK, PREVIOUS):
+        leftover.unlink(missing_ok=True)
+    yield
+    if package_state() != "not-installed":
+        apt("purge", "kvmhook")
+
+
+def call_hook(*args: str) -> subprocess.CompletedProcess:
+    """Run the installed hook as libvirtd would: cleared environment, XML on stdin."""
+    return subprocess.run(
+        [str(HOOK), *args],
+        input=XML,
+        capture_output=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
+        timeout=60,
+        check=False,
+    )
+
+
+def scripts_in_pyproject() -> list[str]:
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return re.findall(r"^([\w-]+) = ", section, re.MULTILINE)
+
+
+def test_package_installs_hook_custom_dir_logrotate_and_commands(clean_host, debs):
+    """The installed files: conffile launcher, root 0755 custom dir, logrotate, working commands."""
+    apt_install(debs[1])
+    conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", "kvmhook").stdout
+    assert str(HOOK) in conffiles and str(LOGROTATE) in conffiles
+    assert HOOK.read_bytes() == (REPO / "kvmhook/data/qemu-hook").read_bytes()
+    assert stat.S_IMODE(HOOK.stat().st_mode) == 0o755
+    info = CUSTOM.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, 0, 0o755)
+    assert "/var/log/libvirt/qemu-hook.log" in LOGROTATE.read_text()
+    run("logrotate", "--debug", str(LOGROTATE))
+    for command in scripts_in_pyproject():
+        assert Path("/usr/bin", command).is_file(), command
+    assert version() in run("/usr/bin/kvmhook", "--version").stdout
+    # The system python3 imports the package from dist-packages, with Debian's click.
+    assert "no scripts run for start" in run("/usr/bin/kvmhook", "hooks", "list", "start").stdout
+    result = call_hook("pkgtest", "start", "begin", "-")
+    assert (result.returncode, result.stdout) == (0, b"")
+    assert "domain=pkgtest op=start subop=begin" in LOG.read_text()
+
+
+def test_upgrade_keeps_the_edited_timeout_and_remove_keeps_scripts_and_log(clean_host, debs):
+    """An edited timeoutSeconds survives an upgrade; remove keeps custom scripts, log and hook."""
+    apt_install(debs[1])
+    HOOK.write_text(HOOK.read_text().replace("timeoutSeconds = 10 * 60", "timeoutSeconds = 42"))
+    script = CUSTOM / "all_operator"
+    script.write_text("#!/bin/sh\necho operator script ran\n")
+    script.chmod(0o755)
+    try:
+        assert call_hook("pkgtest", "start", "begin", "-").returncode == 0
+        assert "(timeout 42s)" in LOG.read_text()
+        apt_install(debs[2])
+        installed = run("dpkg-query", "-W", "-f=${Version}", "kvmhook").stdout
+        assert installed == f"{version()}-2"
+        assert "timeoutSeconds = 42\n" in HOOK.read_text()
+        apt("remove", "kvmhook")
+        assert package_state() == "config-files"
+        assert script.is_file() and LOG.is_file()
+        # The kept launcher finds no kvmhook package: it exits 0 and says so.
+        result = call_hook("pkgtest", "start", "begin", "-")
+        assert (result.returncode, result.stdout) == (0, b"")
+        assert b"no custom scripts run" in result.stderr
+        apt("purge", "kvmhook")
+        assert script.is_file(), "purge must keep the operator's custom scripts"
+        assert not HOOK.exists() and not LOGROTATE.exists()
+    finally:
+        script.unlink(missing_ok=True)
+
+
+def test_an_existing_hook_is_kept_chained_and_restored_on_purge(clean_host, debs, scratch):
+    """A hand-made qemu hook survives install (and runs first), remove, and comes back on purge."""
+    foreign = '#!/bin/sh\necho "$* $(sha256sum | cut -d" " -f1)" >> /run/kvmhook-e2e/foreign\n'
+    HOOK.parent.mkdir(parents=True, exist_ok=True)
+    HOOK.write_text(foreign)
+    HOOK.chmod(0o755)
+    result = apt_install(debs[1])
+    assert f"kept as {PREVIOUS}" in result.stderr + result.stdout
+    assert PREVIOUS.read_text() == foreign
+    assert os.readlink(CHAIN) == str(PREVIOUS)
+    assert "kvmhook.qemu" in HOOK.read_text()
+    digest = run("sh", "-c", f"printf '%s' '{XML.decode()}' | sha256sum").stdout.split()[0]
+    assert call_hook("pkgtest", "prepare", "begin", "-").returncode == 0
+    assert (scratch / "foreign").read_text() == f"pkgtest prepare begin - {digest}\n"
+    apt("remove", "kvmhook")
+    # Removed, not purged: the kept launcher hands the call to the previous hook.
+    assert call_hook("pkgtest", "release", "end", "-").returncode == 0
+    assert (scratch / "foreign").read_text().endswith(f"pkgtest release end - {digest}\n")
+    apt("purge", "kvmhook")
+    assert HOOK.read_text() == foreign
+    assert not PREVIOUS.exists() and not CHAIN.exists() and not CHAIN.is_symlink()
+    assert run("dpkg-divert", "--listpackage", str(HOOK)).stdout.strip() == ""
+
+
+def test_install_and_purge_reload_a_running_libvirtd(clean_host, debs, libvirtd, scratch):
+    """A hookless libvirtd runs the hook right after install, and starts guests after purge."""
+    libvirtd.restart()  # now it knows there is no hook
+    name = f"pkg{os.getpid()}"
+    define_guest(name)
+    marker = CUSTOM / "prepare_mark"
+    try:
+        apt_install(debs[1])
+        marker.write_text('#!/bin/sh\necho "$1" >> /run/kvmhook-e2e/marks\n')
+        marker.chmod(0o755)
+        run("virsh", "start", GUEST_PREFIX + name)
+        assert (scratch / "marks").read_text() == f"{GUEST_PREFIX}{name}\n"
+        run("virsh", "destroy", GUEST_PREFIX + name)
+        marker.unlink()
+        apt("purge", "kvmhook")
+        time.sleep(0.5)  # the reload is asynchronous in the daemon
+        # libvirtd knew a hook existed; without the reload this start would fail.
+        run("virsh", "start", GUEST_PREFIX + name)
+    finally:
+        marker.unlink(missing_ok=True)
+        run("virsh", "destroy", GUEST_PREFIX + name, check=False)
+        run("virsh", "undefine", GUEST_PREFIX + name, check=False)

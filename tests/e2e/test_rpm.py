@@ -1,0 +1,281 @@
+"""The RPM: `make rpm` builds it from this tree; its files, flags, requirements and scriptlets.
+
+Building needs rpmbuild (Debian's `rpm` package), not root; nothing is installed.
+The scriptlets run in a sandbox root with rpm, systemctl and pidof stubbed: they
+never touch this machine's /etc/libvirt or signal its libvirtd.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HOOKDIR = "/etc/libvirt/hooks"
+LAUNCHER = f"{HOOKDIR}/qemu"
+CUSTOM = f"{HOOKDIR}/custom"
+LOGROTATE = "/etc/logrotate.d/kvmhook"
+SITELIB = r"/usr/lib(64)?/python3[.\d]*/(site|dist)-packages"
+REQUIREMENTS = (
+    "python3",
+    "python3-libvirt",
+    "python3-psutil",
+    "python3-structlog",
+    "python3-click",
+    "python3-cryptography",
+)
+
+
+def pyproject() -> str:
+    return (REPO / "pyproject.toml").read_text()
+
+
+def version() -> str:
+    match = re.search(r'^version = "([^"]+)"$', pyproject(), re.MULTILINE)
+    assert match, "no version in pyproject.toml"
+    return match.group(1)
+
+
+def console_scripts() -> list[str]:
+    section = pyproject().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    names = re.findall(r"^([\w.-]+)\s*=", section, re.MULTILINE)
+    assert names, "no [project.scripts] in pyproject.toml"
+    return names
+
+
+def run(*argv: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, text output captured; a failure shows its output."""
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="module")
+def rpm_file() -> Path:
+    """dist/kvmhook-<version>-1.noarch.rpm, freshly built by `make rpm`."""
+    missing = [tool for tool in ("make", "rpmbuild", "rpm2archive") if shutil.which(tool) is None]
+    if "rpmbuild" in missing:
+        pytest.skip("rpmbuild not installed")
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    dist = run("rpm", "--eval", "%{?dist}").stdout.strip()
+    package = REPO / "dist" / f"kvmhook-{version()}-1{dist}.noarch.rpm"
+    package.unlink(missing_ok=True)
+    run("make", "-C", str(REPO), "rpm", timeout=600)
+    assert package.is_file(), f"make rpm did not leave {package}"
+    return package
+
+
+def query(package: Path, *args: str) -> str:
+    return run("rpm", "-qp", *args, str(package)).stdout
+
+
+def files(package: Path) -> dict[str, str]:
+    """Each packaged path: 'flags perms user group' as rpm records them."""
+    out = query(
+        package,
+        "--qf",
+        "[%{FILEFLAGS:fflags}|%{FILEMODES:perms}|%{FILEUSERNAME}|%{FILEGROUPNAME}|%{FILENAMES}\n]",
+    )
+    table = {}
+    for line in out.splitlines():
+        flags, perms, user, group, path = line.split("|")
+        table[path] = f"{flags} {perms} {user} {group}"
+    return table
+
+
+@pytest.fixture(scope="module")
+def payload(rpm_file, tmp_path_factory) -> Path:
+    """The package's payload unpacked into a directory, modes kept."""
+    root = tmp_path_factory.mktemp("payload")
+    archive = subprocess.run(
+        ["rpm2archive", "-n", "-"],
+        stdin=rpm_file.open("rb"),
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root)
+    return root
+
+
+def sitelib_of(listing: list[str]) -> str:
+    for path in listing:
+        match = re.fullmatch(SITELIB + "/kvmhook/qemu.py", path)
+        if match:
+            return path[: -len("/kvmhook/qemu.py")]
+    raise AssertionError(f"no kvmhook/qemu.py under a python3 sitelib in {listing}")
+
+
+def test_file_list_matches_the_deb(rpm_file):
+    """The rpm holds the launcher, custom dir, logrotate, each console script, both packages."""
+    listing = query(rpm_file, "-l").splitlines()
+    for path in (LAUNCHER, CUSTOM, LOGROTATE):
+        assert path in listing, path
+    for command in console_scripts():
+        assert f"/usr/bin/{command}" in listing, command
+    sitelib = sitelib_of(listing)
+    for module in ("kvmhook/qemu.py", "kvmhook/dispatch.py", "keystore/__init__.py"):
+        assert f"{sitelib}/{module}" in listing, module
+    dist_info = [
+        path for path in listing if re.fullmatch(SITELIB + r"/kvmhook-[^/]+\.dist-info", path)
+    ]
+    assert dist_info, "no kvmhook-*.dist-info directory"
+
+
+def test_launcher_and_logrotate_are_config_noreplace_and_custom_dir_is_root_0755(rpm_file):
+    """Launcher and logrotate policy are %config(noreplace); the custom dir is root:root 0755."""
+    table = files(rpm_file)
+    assert table[LAUNCHER] == "cn -rwxr-xr-x root root"
+    assert table[LOGROTATE] == "cn -rw-r--r-- root root"
+    assert table[CUSTOM] == " drwxr-xr-x root root"
+
+
+def test_requires_the_rhel_names(rpm_file):
+    """`rpm --requires` lists python3 and the five libraries by their RHEL/Fedora names."""
+    requires = {line.split()[0] for line in query(rpm_file, "--requires").splitlines()}
+    missing = [name for name in REQUIREMENTS if name not in requires]
+    assert not missing, f"missing {missing} in {sorted(requires)}"
+
+
+def test_version_and_release_come_from_pyproject(rpm_file):
+    """The package is kvmhook, noarch, with pyproject's version and release 1."""
+    out = query(rpm_file, "--qf", "%{NAME} %{VERSION} %{RELEASE} %{ARCH}")
+    name, rpm_version, release, arch = out.split()
+    dist = run("rpm", "--eval", "%{?dist}").stdout.strip()
+    assert (name, rpm_version, release, arch) == ("kvmhook", version(), f"1{dist}", "noarch")
+
+
+def test_packaged_launcher_is_the_source_launcher_mode_0755(payload):
+    """The launcher in the payload is byte-identical to kvmhook/data/qemu-hook, mode 0755."""
+    launcher = payload / LAUNCHER.lstrip("/")
+    assert launcher.read_bytes() == (REPO / "kvmhook/data/qemu-hook").read_bytes()
+    assert stat.S_IMODE(launcher.stat().st_mode) == 0o755
+
+
+def test_logrotate_policy_is_the_debs(payload):
+    """The rpm's logrotate policy is the deb's kvmhook.logrotate, byte for byte."""
+    policy = payload / LOGROTATE.lstrip("/")
+    assert policy.read_bytes() == (REPO / "packaging/deb/debian/kvmhook.logrotate").read_bytes()
+
+
+def test_dist_info_gives_importlib_metadata_the_version_and_scripts(rpm_file, payload):
+    """importlib.metadata reads pyproject's version and scripts from the packaged dist-info."""
+    sitelib = payload / sitelib_of(query(rpm_file, "-l").splitlines()).lstrip("/")
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import importlib.metadata as m; "
+        "d = m.distribution('kvmhook'); print(d.version); "
+        "print(' '.join(sorted(e.name for e in d.entry_points if e.group == 'console_scripts')))"
+    )
+    out = run(sys.executable, "-I", "-c", probe, str(sitelib)).stdout.splitlines()
+    assert out == [version(), " ".join(sorted(console_scripts()))]
+
+
+class Sandbox:
+    """A host root for the scriptlets, with rpm, systemctl and pidof stubbed on PATH."""
+
+    def __init__(self, root: Path, package: Path, owner: str = "") -> None:
+        self.root = root
+        self.package = package
+        self.hook = root / LAUNCHER.lstrip("/")
+        self.previous = root / (LAUNCHER + ".pre-kvmhook").lstrip("/")
+        self.custom = root / CUSTOM.lstrip("/")
+        self.chain = self.custom / "all_00-previous-qemu-hook"
+        self.log = root / "var/log/libvirt/qemu-hook.log"
+        self.hook.parent.mkdir(parents=True)
+        self.log.parent.mkdir(parents=True)
+        stubs = root / "stubs"
+        stubs.mkdir()
+        # `rpm -qf` prints the owner, or fails as for an unowned file.
+        rpm_stub = f"echo {owner}" if owner else "echo 'file is not owned by any package'; exit 1"
+        for name, body in (("rpm", rpm_stub), ("systemctl", "exit 3"), ("pidof", "exit 1")):
+            (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+            (stubs / name).chmod(0o755)
+        self.env = {"PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+    def scriptlet(self, tag: str, arg: int) -> subprocess.CompletedProcess:
+        """Run the scriptlet `tag` (PREIN, POSTIN, POSTUN) with $1 = arg, in the sandbox."""
+        body = query(self.package, "--qf", f"%{{{tag}}}")
+        assert body and body != "(none)", f"the rpm has no {tag} scriptlet"
+        body = body.replace(HOOKDIR, f"{self.root}{HOOKDIR}")
+        body = body.replace("/var/log/libvirt", f"{self.root}/var/log/libvirt")
+        for real in ("/etc/libvirt", "/var/log/libvirt"):
+            outside = body.replace(f"{self.root}{real}", "")
+            assert real not in outside, f"{tag} would touch the real {real}"
+        script = self.root / f"{tag}.sh"
+        script.write_text(body)
+        return run("/bin/sh", str(script), str(arg), env=self.env)
+
+    def install_files(self) -> None:
+        """What rpm itself does between %pre and %post: the launcher and the custom dir."""
+        self.hook.write_bytes((REPO / "kvmhook/data/qemu-hook").read_bytes())
+        self.hook.chmod(0o755)
+        self.custom.mkdir(exist_ok=True)
+
+
+def test_scriptlets_keep_a_foreign_hook_running_and_give_it_back_on_erase(rpm_file, tmp_path):
+    """Install keeps a foreign hook as qemu.pre-kvmhook, chained; erase puts it back."""
+    box = Sandbox(tmp_path, rpm_file)
+    foreign = "#!/bin/sh\necho the operator's own hook\n"
+    box.hook.write_text(foreign)
+    box.hook.chmod(0o755)
+
+    pre = box.scriptlet("PREIN", 1)
+    assert not box.hook.exists()
+    assert box.previous.read_text() == foreign
+    assert "qemu.pre-kvmhook" in pre.stderr
+
+    box.install_files()
+    box.scriptlet("POSTIN", 1)
+    assert os.readlink(box.chain) == str(box.previous)
+
+    operator = box.custom / "start_operator"
+    operator.write_text("#!/bin/sh\n")
+    for log in (box.log, Path(f"{box.log}.1"), Path(f"{box.log}.2.gz")):
+        log.write_text("record\n")
+    box.hook.unlink()  # rpm erases the launcher before %postun
+    post = box.scriptlet("POSTUN", 0)
+    assert box.hook.read_text() == foreign
+    assert not box.previous.exists() and not box.chain.is_symlink()
+    assert operator.is_file()
+    assert sorted(box.log.parent.iterdir()) == []
+    assert "restored" in post.stderr
+
+
+def test_scriptlets_never_move_our_own_launcher_on_upgrade(rpm_file, tmp_path):
+    """An upgrade never moves the edited launcher aside nor drops the log, even if rpm -qf fails."""
+    box = Sandbox(tmp_path, rpm_file)
+    box.install_files()
+    edited = box.hook.read_text().replace("timeoutSeconds = 10 * 60", "timeoutSeconds = 42")
+    box.hook.write_text(edited)
+    box.log.write_text("record\n")
+
+    box.scriptlet("PREIN", 2)
+    box.scriptlet("POSTIN", 2)
+    box.scriptlet("POSTUN", 1)
+    assert box.hook.read_text() == edited
+    assert not box.previous.exists() and not box.chain.is_symlink()
+    assert box.log.read_text() == "record\n"
+
+
+def test_install_keeps_a_hook_owned_by_kvmhook(rpm_file, tmp_path):
+    """%pre on install moves nothing when `rpm -qf` says kvmhook owns the hook already."""
+    box = Sandbox(tmp_path, rpm_file, owner="kvmhook")
+    box.install_files()
+    box.scriptlet("PREIN", 1)
+    assert box.hook.is_file() and not box.previous.exists()
