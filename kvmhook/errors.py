@@ -11,3 +11,7 @@ class KvmhookError(Exception):
 
 class CustomDirError(KvmhookError):
     """The custom scripts directory is missing, unreadable or unsafe: nothing runs."""
+
+
+class KeystoreError(KvmhookError):
+    """A keystore, properties file or argument of the keystore tools is unusable."""

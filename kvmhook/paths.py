@@ -26,3 +26,28 @@ def custom_dir() -> str:
 def log_file() -> str:
     """The hook's log file."""
     return os.environ.get("KVMHOOK_LOG_FILE") or under_root("/var/log/libvirt/qemu-hook.log")
+
+
+def libvirtd_conf() -> str:
+    """libvirtd's configuration; its presence means this host runs libvirtd."""
+    return under_root("/etc/libvirt/libvirtd.conf")
+
+
+def tls_files() -> dict[str, str]:
+    """Where libvirtd and QEMU look for their TLS files, by role.
+
+    Roles: `ca`, `cert`, `key` for libvirtd's server and client side, and
+    the same under QEMU's own directory (its migration stream).
+    """
+    return {
+        "libvirt ca": under_root("/etc/pki/CA/cacert.pem"),
+        "libvirt server cert": under_root("/etc/pki/libvirt/servercert.pem"),
+        "libvirt server key": under_root("/etc/pki/libvirt/private/serverkey.pem"),
+        "libvirt client cert": under_root("/etc/pki/libvirt/clientcert.pem"),
+        "libvirt client key": under_root("/etc/pki/libvirt/private/clientkey.pem"),
+        "qemu ca": under_root("/etc/pki/qemu/ca-cert.pem"),
+        "qemu server cert": under_root("/etc/pki/qemu/server-cert.pem"),
+        "qemu server key": under_root("/etc/pki/qemu/server-key.pem"),
+        "qemu client cert": under_root("/etc/pki/qemu/client-cert.pem"),
+        "qemu client key": under_root("/etc/pki/qemu/client-key.pem"),
+    }

@@ -1,0 +1,169 @@
+"""keystore-cert-import: the CA-signed certificate into the keystore and beside it.
+
+Everything is checked before anything is written: the certificate matches the
+key, chains to the given CA certificates, and is valid now. Then the PEM
+files, the libvirt and QEMU TLS files (when this host runs libvirtd) and,
+last, the keystore are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import shutil
+
+from cryptography import x509
+
+from keystore import content, properties, store
+from kvmhook import paths, pki
+from kvmhook.errors import KeystoreError
+from kvmhook.files import Transaction
+
+MODES = ("ssh", "agent")
+# Group that QEMU runs as, by distribution: it must read the TLS keys.
+_QEMU_GROUPS = ("qemu", "libvirt-qemu")
+
+
+class Material:
+    """What one import installs: the key, its chain (certificate first) and the CA bundle."""
+
+    def __init__(self, key: pki.PrivateKey, chain: list[x509.Certificate], cas: bytes) -> None:
+        self.key = key
+        self.chain = chain
+        self.cas = cas
+
+
+def import_certificate(
+    properties_file: str,
+    keystore_file: str,
+    cert_file: str,
+    cert_content: str,
+    ca_file: str,
+    ca_content: str,
+    key_file: str,
+    key_content: str = "",
+) -> Material:
+    """Check, then install; returns what was installed. Nothing changes on error."""
+    passphrase = _passphrase(properties_file)
+    cert = pki.load_certificates(_pem(cert_content, cert_file, "certificate"), "certificate")[0]
+    cas = pki.load_certificates(_pem(ca_content, ca_file, "CA certificate"), "CA certificate")
+    if key_content:
+        key = pki.load_private_key(_decode(key_content, "private key"), "private key")
+    else:
+        key = store.load(keystore_file, passphrase)[0]
+    if not pki.key_matches(key, cert):
+        source = "the given private key" if key_content else f"the key in {keystore_file}"
+        raise KeystoreError(f"certificate {pki.describe(cert)} does not match {source}")
+    chain = pki.chain(cert, cas)
+    pki.check_validity(cert, "certificate")
+    material = Material(key, chain, pki.certificate_pem(cas))
+    with Transaction() as files:
+        for path, data, mode, group in _pem_files(
+            material, keystore_file, cert_file, ca_file, key_file
+        ):
+            files.write(path, data, mode, group)
+        files.write(keystore_file, store.dump(key, chain, passphrase))
+    return material
+
+
+def _passphrase(properties_file: str) -> str:
+    try:
+        with open(properties_file, encoding="utf-8") as source:
+            found = properties.passphrase(source.read())
+    except (OSError, UnicodeDecodeError) as error:
+        raise KeystoreError(f"cannot read properties file {properties_file}: {error}") from None
+    if found is None:
+        raise KeystoreError(f"properties file {properties_file} holds no keystore.passphrase")
+    return found
+
+
+def _pem(encoded: str, path: str, what: str) -> bytes:
+    """The decoded content argument, or the file as it is when the argument is empty."""
+    if encoded:
+        return _decode(encoded, what)
+    try:
+        with open(path, "rb") as source:
+            return source.read()
+    except OSError as error:
+        raise KeystoreError(
+            f"no {what} content given and cannot read {path}: {error.strerror}"
+        ) from None
+
+
+def _decode(encoded: str, what: str) -> bytes:
+    try:
+        return content.decode(encoded)
+    except UnicodeEncodeError:
+        raise KeystoreError(
+            f"{what} content is not ^/~-encoded PEM (non-ASCII characters)"
+        ) from None
+
+
+def _pem_files(
+    material: Material, keystore_file: str, cert_file: str, ca_file: str, key_file: str
+) -> list[tuple[str, bytes, int, int | None]]:
+    """Every PEM file to write: (path, data, mode, group), each path once."""
+    leaf = pki.certificate_pem(material.chain[:1])
+    served = pki.certificate_pem(material.chain[:-1] or material.chain)  # leaf + intermediates
+    key = pki.key_pem(material.key)
+    beside = os.path.dirname(os.path.abspath(keystore_file))
+    files = [
+        (cert_file, leaf, 0o644, None),
+        (ca_file, material.cas, 0o644, None),
+        (key_file, key, 0o600, None),
+        (os.path.join(beside, "cloud.crt"), leaf, 0o644, None),
+        (os.path.join(beside, "cloud.ca.crt"), material.cas, 0o644, None),
+        (os.path.join(beside, "cloud.key"), key, 0o600, None),
+    ]
+    if os.path.exists(paths.libvirtd_conf()):
+        qemu_group = _qemu_group()
+        for role, path in paths.tls_files().items():
+            if role.endswith(" ca"):
+                files.append((path, material.cas, 0o644, None))
+            elif role.endswith(" cert"):
+                files.append((path, served, 0o644, None))
+            else:
+                files.append((path, key, 0o640 if qemu_group is not None else 0o600, qemu_group))
+            _make_parent(path)
+    unique: dict[str, tuple[str, bytes, int, int | None]] = {}
+    for entry in files:
+        unique.setdefault(os.path.realpath(entry[0]), entry)
+    return list(unique.values())
+
+
+def _qemu_group() -> int | None:
+    for name in _QEMU_GROUPS:
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+    return None
+
+
+def _make_parent(path: str) -> None:
+    # Private key directories readable by QEMU's group only; the rest world-readable.
+    directory = os.path.dirname(path)
+    private = directory.endswith("/private")
+    os.makedirs(directory, mode=0o750 if private else 0o755, exist_ok=True)
+
+
+def reload_libvirt_tls() -> None:
+    """Make the running libvirtd (or virtproxyd) load its TLS files again, without a restart."""
+    from kvmhook import process
+
+    tool = shutil.which("virt-admin")
+    if tool is None:
+        raise KeystoreError("imported, but virt-admin (libvirt-clients) is not installed")
+    errors = []
+    for daemon in ("libvirtd", "virtproxyd"):
+        argv = [tool, "-c", f"{daemon}:///system", "server-update-tls", daemon]
+        with open(os.devnull, "rb") as nothing:
+            try:
+                outcome = process.run(argv, nothing.fileno(), 30, 5, 64 * 1024)
+            except OSError as error:
+                raise KeystoreError(f"cannot run virt-admin: {error.strerror}") from None
+        if outcome.status == 0:
+            return
+        said = b" ".join(data for _, data in outcome.segments).decode(errors="replace")
+        errors.append(f"{daemon}: {' '.join(said.split()) or outcome.ending}")
+    raise KeystoreError(f"imported, but no daemon reloaded its TLS files ({'; '.join(errors)})")
