@@ -42,9 +42,17 @@ def import_certificate(
     ca_content: str,
     key_file: str,
     key_content: str = "",
+    new_passphrase: str | None = None,
 ) -> Material:
-    """Check, then install; returns what was installed. Nothing changes on error."""
-    passphrase = _passphrase(properties_file)
+    """Check, then install; returns what was installed. Nothing changes on error.
+
+    `new_passphrase` (for rotation) is used, and written to the properties
+    file with the rest, when that file holds none yet.
+    """
+    text = _read_properties(properties_file, missing_ok=new_passphrase is not None)
+    passphrase = properties.passphrase(text) or new_passphrase
+    if passphrase is None:
+        raise KeystoreError(f"properties file {properties_file} holds no keystore.passphrase")
     cert = pki.load_certificates(_pem(cert_content, cert_file, "certificate"), "certificate")[0]
     cas = pki.load_certificates(_pem(ca_content, ca_file, "CA certificate"), "CA certificate")
     if key_content:
@@ -62,19 +70,22 @@ def import_certificate(
             material, keystore_file, cert_file, ca_file, key_file
         ):
             files.write(path, data, mode, group)
+        if properties.passphrase(text) is None:
+            files.write(properties_file, properties.with_passphrase(text, passphrase).encode())
         files.write(keystore_file, store.dump(key, chain, passphrase))
     return material
 
 
-def _passphrase(properties_file: str) -> str:
+def _read_properties(path: str, missing_ok: bool) -> str:
     try:
-        with open(properties_file, encoding="utf-8") as source:
-            found = properties.passphrase(source.read())
+        with open(path, encoding="utf-8") as source:
+            return source.read()
+    except FileNotFoundError:
+        if missing_ok:
+            return ""
+        raise KeystoreError(f"properties file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise KeystoreError(f"cannot read properties file {properties_file}: {error}") from None
-    if found is None:
-        raise KeystoreError(f"properties file {properties_file} holds no keystore.passphrase")
-    return found
+        raise KeystoreError(f"cannot read properties file {path}: {error}") from None
 
 
 def _pem(encoded: str, path: str, what: str) -> bytes:

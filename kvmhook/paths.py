@@ -51,3 +51,8 @@ def tls_files() -> dict[str, str]:
         "qemu client cert": under_root("/etc/pki/qemu/client-cert.pem"),
         "qemu client key": under_root("/etc/pki/qemu/client-key.pem"),
     }
+
+
+def agent_dir() -> str:
+    """The CloudStack agent's directory: agent.properties, cloud.jks, cloud.crt/key/ca.crt."""
+    return under_root("/etc/cloudstack/agent")

@@ -6,6 +6,7 @@ from importlib.metadata import version
 
 import click
 
+from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
 
 
@@ -17,5 +18,6 @@ def main() -> None:
 
 
 main.add_command(hooks)
+main.add_command(cert)
 
 __all__ = ["main"]

@@ -1,0 +1,169 @@
+"""What `kvmhook cert` reports: each installed certificate set, checked.
+
+A set is a certificate with its key and CA bundle: the agent's (beside its
+keystore), libvirt's server and client, QEMU's server and client. Each is
+checked for presence, key match, chain and validity; all copies must hold
+the same certificate and key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from kvmhook import paths, pki
+from kvmhook.errors import KvmhookError
+
+DEFAULT_WARN_DAYS = 30
+
+
+class Finding:
+    """One certificate set as found on disk, and what is wrong with it."""
+
+    def __init__(self, name: str, cert: str, key: str, ca: str) -> None:
+        self.name = name
+        self.files = {"cert": cert, "key": key, "ca": ca}
+        self.problems: list[str] = []
+        self.subject = self.issuer = self.not_after = None
+        self.sans: list[str] = []
+        self.days_left: int | None = None
+        self.key_matches: bool | None = None
+        self.chain_verifies: bool | None = None
+        self.fingerprint: str | None = None
+        self.key_fingerprint: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "files": self.files,
+            "subject": self.subject,
+            "sans": self.sans,
+            "issuer": self.issuer,
+            "not_after": self.not_after,
+            "days_left": self.days_left,
+            "key_matches": self.key_matches,
+            "chain_verifies": self.chain_verifies,
+            "problems": self.problems,
+        }
+
+
+def certificate_sets(agent_dir: str) -> list[tuple[str, str, str, str]]:
+    """(name, cert, key, ca) of every set this host should have."""
+    sets = [
+        (
+            "agent",
+            os.path.join(agent_dir, "cloud.crt"),
+            os.path.join(agent_dir, "cloud.key"),
+            os.path.join(agent_dir, "cloud.ca.crt"),
+        )
+    ]
+    if os.path.exists(paths.libvirtd_conf()):
+        tls = paths.tls_files()
+        for side in ("libvirt server", "libvirt client", "qemu server", "qemu client"):
+            daemon = side.split()[0]
+            sets.append((side, tls[f"{side} cert"], tls[f"{side} key"], tls[f"{daemon} ca"]))
+    return sets
+
+
+def inspect(agent_dir: str, warn_days: int, now: datetime.datetime | None = None) -> list[Finding]:
+    """Every set checked; copies that disagree with the agent's are problems of that copy."""
+    now = now or pki.utcnow()
+    findings = [_inspect(Finding(*entry), warn_days, now) for entry in certificate_sets(agent_dir)]
+    reference = findings[0]
+    _check_keystore(reference, agent_dir)
+    for finding in findings[1:]:
+        if (
+            reference.fingerprint
+            and finding.fingerprint
+            and finding.fingerprint != reference.fingerprint
+        ):
+            finding.problems.append("certificate differs from the agent's cloud.crt")
+        if (
+            reference.key_fingerprint
+            and finding.key_fingerprint
+            and finding.key_fingerprint != reference.key_fingerprint
+        ):
+            finding.problems.append("key differs from the agent's cloud.key")
+    return findings
+
+
+def _inspect(finding: Finding, warn_days: int, now: datetime.datetime) -> Finding:
+    try:
+        certs = pki.load_certificates(_read(finding.files["cert"]), finding.files["cert"])
+        cert = certs[0]
+        _describe(finding, cert, now, warn_days)
+        key = pki.load_private_key(_read(finding.files["key"]), finding.files["key"])
+        finding.key_matches = pki.key_matches(key, cert)
+        finding.key_fingerprint = _key_id(key)
+        if not finding.key_matches:
+            finding.problems.append(f"{finding.files['key']} does not match the certificate")
+        cas = pki.load_certificates(_read(finding.files["ca"]), finding.files["ca"])
+        try:
+            pki.chain(cert, certs[1:] + cas)
+            finding.chain_verifies = True
+        except pki.PkiError as error:
+            finding.chain_verifies = False
+            finding.problems.append(str(error))
+    except KvmhookError as error:
+        finding.problems.append(str(error))
+    return finding
+
+
+def _describe(finding: Finding, cert: x509.Certificate, now: datetime.datetime, warn: int) -> None:
+    finding.subject = cert.subject.rfc4514_string()
+    finding.issuer = cert.issuer.rfc4514_string()
+    finding.not_after = cert.not_valid_after.isoformat() + "Z"
+    finding.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    finding.days_left = (cert.not_valid_after - now).days
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        finding.sans = [str(name.value) for name in names]
+    except x509.ExtensionNotFound:
+        pass
+    if now > cert.not_valid_after:
+        finding.problems.append(f"expired on {cert.not_valid_after} UTC")
+    elif finding.days_left < warn:
+        finding.problems.append(f"expires in {finding.days_left} days (warning at {warn})")
+    if now < cert.not_valid_before:
+        finding.problems.append(f"not valid before {cert.not_valid_before} UTC")
+
+
+def _key_id(key: pki.PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .hex()
+    )
+
+
+def _check_keystore(agent: Finding, agent_dir: str) -> None:
+    """The keystore must hold the same certificate as cloud.crt (when both exist)."""
+    from keystore import properties, store
+
+    keystore = os.path.join(agent_dir, "cloud.jks")
+    agent.files["keystore"] = keystore
+    if not os.path.exists(keystore):
+        agent.problems.append(f"{keystore}: no keystore")
+        return
+    try:
+        text = _read(os.path.join(agent_dir, "agent.properties")).decode(errors="replace")
+        passphrase = properties.passphrase(text)
+        if passphrase is None:
+            raise pki.PkiError("agent.properties holds no keystore.passphrase")
+        cert = store.load(keystore, passphrase)[1]
+    except KvmhookError as error:
+        agent.problems.append(str(error))
+        return
+    if agent.fingerprint and cert.fingerprint(hashes.SHA256()).hex() != agent.fingerprint:
+        agent.problems.append(f"{keystore} holds another certificate than cloud.crt")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as source:
+            return source.read()
+    except OSError as error:
+        raise pki.PkiError(f"{path}: {error.strerror}") from None
