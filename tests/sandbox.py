@@ -9,6 +9,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_TEMPLATE = REPO / "kvmhook" / "data" / "qemu-hook"
+# Issue 2's lists, written out here rather than imported, so a change in
+# kvmhook.dispatch is caught by the tests.
+OPERATIONS = (
+    "prepare",
+    "start",
+    "started",
+    "stopped",
+    "release",
+    "migrate",
+    "restore",
+    "reconnect",
+    "attach",
+)
+LEFTOVERS = (
+    "~",
+    ".swp",
+    ".dpkg-old",
+    ".dpkg-dist",
+    ".dpkg-new",
+    ".dpkg-tmp",
+    ".rpmsave",
+    ".rpmnew",
+    ".rpmorig",
+)
 
 
 class Host:

@@ -13,22 +13,11 @@ import tempfile
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sandbox import LEFTOVERS
 
 from kvmhook import dispatch, paths, process
 from kvmhook.errors import CustomDirError
 
-# The spec's list (issue 2, rule 2), kept here so a change in dispatch is caught.
-LEFTOVERS = (
-    "~",
-    ".swp",
-    ".dpkg-old",
-    ".dpkg-dist",
-    ".dpkg-new",
-    ".dpkg-tmp",
-    ".rpmsave",
-    ".rpmnew",
-    ".rpmorig",
-)
 CUSTOM = "/custom"
 
 

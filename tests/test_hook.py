@@ -15,30 +15,8 @@ import sys
 import time
 
 import pytest
-from sandbox import LAUNCHER_TEMPLATE, field
+from sandbox import LAUNCHER_TEMPLATE, LEFTOVERS, OPERATIONS, field
 
-OPERATIONS = (
-    "prepare",
-    "start",
-    "started",
-    "stopped",
-    "release",
-    "migrate",
-    "restore",
-    "reconnect",
-    "attach",
-)
-LEFTOVERS = (
-    "~",
-    ".swp",
-    ".dpkg-old",
-    ".dpkg-dist",
-    ".dpkg-new",
-    ".dpkg-tmp",
-    ".rpmsave",
-    ".rpmnew",
-    ".rpmorig",
-)
 ARGS = ("vm1", "start", "begin", "-")
 VALUE = r'(?:[A-Za-z0-9_.:+@,/%-]+|"(?:[^"\\]|\\.)*")'
 RECORD = re.compile(
