@@ -69,7 +69,7 @@ def import_certificate(
         for path, data, mode, group in _pem_files(
             material, keystore_file, cert_file, ca_file, key_file
         ):
-            files.write(path, data, mode, group)
+            files.write(path, data, mode, group, parent_mode=_directory_mode(path))
         if properties.passphrase(text) is None:
             files.write(properties_file, properties.with_passphrase(text, passphrase).encode())
         files.write(keystore_file, store.dump(key, chain, passphrase))
@@ -135,7 +135,6 @@ def _pem_files(
                 files.append((path, served, 0o644, None))
             else:
                 files.append((path, key, 0o640 if qemu_group is not None else 0o600, qemu_group))
-            _make_parent(path)
     unique: dict[str, tuple[str, bytes, int, int | None]] = {}
     for entry in files:
         unique.setdefault(os.path.realpath(entry[0]), entry)
@@ -151,11 +150,9 @@ def _qemu_group() -> int | None:
     return None
 
 
-def _make_parent(path: str) -> None:
-    # Private key directories readable by QEMU's group only; the rest world-readable.
-    directory = os.path.dirname(path)
-    private = directory.endswith("/private")
-    os.makedirs(directory, mode=0o750 if private else 0o755, exist_ok=True)
+def _directory_mode(path: str) -> int:
+    """Mode for a missing parent: private key directories for root and QEMU's group only."""
+    return 0o750 if os.path.basename(os.path.dirname(path)) == "private" else 0o755
 
 
 def reload_libvirt_tls() -> None:

@@ -18,13 +18,25 @@ class Transaction:
 
     def __init__(self) -> None:
         self._staged: list[tuple[str, str]] = []
+        self._created: list[str] = []
 
-    def write(self, path: str, data: bytes, mode: int = 0o600, group: int | None = None) -> None:
+    def write(
+        self,
+        path: str,
+        data: bytes,
+        mode: int = 0o600,
+        group: int | None = None,
+        parent_mode: int | None = None,
+    ) -> None:
         """Stage `data` for `path` with `mode` (and `group`, if given).
 
         An existing target's owner is kept; its mode is not: `mode` applies.
+        With `parent_mode`, a missing directory is created (the target's own
+        with that mode, those above it 0755) and removed again on abort.
         """
         directory = os.path.dirname(os.path.abspath(path))
+        if parent_mode is not None:
+            self._make_directories(directory, parent_mode)
         fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
             os.fchmod(fd, mode)
@@ -50,6 +62,7 @@ class Transaction:
             os.replace(temp, path)
             directories.add(os.path.dirname(os.path.abspath(path)))
         self._staged = []
+        self._created = []
         for directory in sorted(directories):
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -58,13 +71,28 @@ class Transaction:
                 os.close(fd)
 
     def abort(self) -> None:
-        """Remove every staged file; the targets stay as they were."""
+        """Remove every staged file and created directory; the targets stay as they were."""
         for temp, _ in self._staged:
             try:
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+        for directory in reversed(self._created):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
         self._staged = []
+        self._created = []
+
+    def _make_directories(self, directory: str, mode: int) -> None:
+        missing = []
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            directory = os.path.dirname(directory)
+        for index, path in enumerate(reversed(missing)):
+            os.mkdir(path, mode if index == len(missing) - 1 else 0o755)
+            self._created.append(path)
 
     def __enter__(self) -> Transaction:
         return self

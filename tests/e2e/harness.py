@@ -46,21 +46,8 @@ def version() -> str:
     raise AssertionError("no version in pyproject.toml")
 
 
-def apt_install(deb: Path) -> subprocess.CompletedProcess:
-    """Install a .deb with apt (dependencies from the archive); output kept."""
-    result = subprocess.run(
-        ["apt-get", "install", "-y", "--allow-downgrades", str(deb)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=APT_ENV,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
 def apt(*args: str) -> subprocess.CompletedProcess:
+    """apt-get -y ARGS, non-interactive; a failure shows apt's output."""
     result = subprocess.run(
         ["apt-get", "-y", *args],
         capture_output=True,
@@ -71,6 +58,11 @@ def apt(*args: str) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def apt_install(deb: Path) -> subprocess.CompletedProcess:
+    """Install a .deb with apt (dependencies from the archive); output kept."""
+    return apt("install", "--allow-downgrades", str(deb))
 
 
 def package_state() -> str:
@@ -86,10 +78,12 @@ class Libvirtd:
         self.log = log
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def start(self, listen: bool = False) -> None:
+        """Start it; `listen` adds --listen (the TCP/TLS sockets libvirtd.conf enables)."""
+        argv = ["libvirtd", "--listen"] if listen else ["libvirtd"]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                ["libvirtd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 30
         while run("virsh", "-c", "qemu:///system", "version", check=False).returncode != 0:
@@ -107,9 +101,9 @@ class Libvirtd:
             self.process.kill()
             self.process.wait(timeout=5)
 
-    def restart(self) -> None:
+    def restart(self, listen: bool = False) -> None:
         self.stop()
-        self.start()
+        self.start(listen)
 
 
 def running_libvirtd() -> list[str]:
