@@ -8,6 +8,7 @@ changes nothing already there. Staged files are born with their final mode
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from types import TracebackType
@@ -34,6 +35,17 @@ class Transaction:
         With `parent_mode`, a missing directory is created (the target's own
         with that mode, those above it 0755) and removed again on abort.
         """
+        try:
+            self._stage(path, data, mode, group, parent_mode)
+        except OSError as error:
+            # Name the target, not the temporary file beside it.
+            raise OSError(error.errno, error.strerror, path) from None
+
+    def _stage(
+        self, path: str, data: bytes, mode: int, group: int | None, parent_mode: int | None
+    ) -> None:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         directory = os.path.dirname(os.path.abspath(path))
         if parent_mode is not None:
             self._make_directories(directory, parent_mode)
@@ -58,10 +70,14 @@ class Transaction:
     def commit(self) -> None:
         """Rename every staged file into place, in staging order, and sync their directories."""
         directories = set()
-        for temp, path in self._staged:
-            os.replace(temp, path)
+        while self._staged:
+            temp, path = self._staged[0]
+            try:
+                os.replace(temp, path)
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, path) from None
+            self._staged.pop(0)
             directories.add(os.path.dirname(os.path.abspath(path)))
-        self._staged = []
         self._created = []
         for directory in sorted(directories):
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -91,8 +107,9 @@ class Transaction:
             missing.append(directory)
             directory = os.path.dirname(directory)
         for index, path in enumerate(reversed(missing)):
-            os.mkdir(path, mode if index == len(missing) - 1 else 0o755)
+            os.mkdir(path, 0o700)
             self._created.append(path)
+            os.chmod(path, mode if index == len(missing) - 1 else 0o755)  # whatever the umask
 
     def __enter__(self) -> Transaction:
         return self
@@ -103,10 +120,14 @@ class Transaction:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if kind is None:
-            self.commit()
-        else:
+        if kind is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()  # what was not renamed yet goes; what was renamed stays
+            raise
 
 
 def _owner(path: str) -> tuple[int, int] | None:

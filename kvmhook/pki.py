@@ -22,7 +22,7 @@ from kvmhook.errors import KvmhookError
 PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
 
 _PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+    rb"-----BEGIN CERTIFICATE-----[ \t]*\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
 
 
