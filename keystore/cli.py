@@ -60,7 +60,7 @@ def setup_command(
 )
 @click.argument("properties_file")
 @click.argument("keystore_file")
-@click.argument("mode", type=click.Choice(certimport.MODES))
+@click.argument("mode", type=click.Choice(certimport.MODES), metavar="MODE")
 @click.argument("cert_file")
 @click.argument("cert_content")
 @click.argument("ca_file")

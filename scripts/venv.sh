@@ -17,8 +17,14 @@ need_debs() {
     fi
 }
 
+# pip, less this machine's warnings about missing local index paths; pip's own
+# failure still fails the script.
+quiet_pip() {
+    "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
+}
+
 need_debs python3 python3-venv
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 # compat mode: a plain .pth entry, so importing kvmhook costs what it costs installed.
-"$VENV/bin/pip" install -q --disable-pip-version-check \
-    --config-settings editable_mode=compat -e "$REPO${1:+[$1]}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+quiet_pip "$VENV/bin/pip" install -q --disable-pip-version-check \
+    --config-settings editable_mode=compat -e "$REPO${1:+[$1]}"

@@ -749,7 +749,7 @@ def test_import_unknown_mode(installed, ca):
         IMPORT, *installed.import_args(testca.pem(installed.leaf), ca.bundle, mode="scp")
     )
     assert_refused(
-        result, before, installed.snapshot(), "'scp' is not one of", prog="keystore-cert-import"
+        result, before, installed.snapshot(), "scp", "ssh", "agent", prog="keystore-cert-import"
     )
 
 
