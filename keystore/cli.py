@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import click
 
 from keystore import certimport, setup
+from kvmhook import pki
 from kvmhook.errors import KvmhookError
 
 # Options go first: after the first argument nothing is an option, so content
@@ -100,7 +101,7 @@ def import_command(
     )
     cert = material.chain[0]
     click.echo(
-        f"imported {cert.subject.rfc4514_string()} (valid until {cert.not_valid_after} UTC, "
+        f"imported {cert.subject.rfc4514_string()} (valid until {pki.not_after(cert)} UTC, "
         f"chain of {len(material.chain)}) into {keystore_file} [{mode}]",
         err=True,
     )

@@ -115,20 +115,20 @@ def _inspect(finding: Finding, warn_days: int, now: datetime.datetime) -> Findin
 def _describe(finding: Finding, cert: x509.Certificate, now: datetime.datetime, warn: int) -> None:
     finding.subject = cert.subject.rfc4514_string()
     finding.issuer = cert.issuer.rfc4514_string()
-    finding.not_after = cert.not_valid_after.isoformat() + "Z"
+    finding.not_after = pki.not_after(cert).isoformat() + "Z"
     finding.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
-    finding.days_left = (cert.not_valid_after - now).days
+    finding.days_left = (pki.not_after(cert) - now).days
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         finding.sans = [str(name.value) for name in names]
     except x509.ExtensionNotFound:
         pass
-    if now > cert.not_valid_after:
-        finding.problems.append(f"expired on {cert.not_valid_after} UTC")
+    if now > pki.not_after(cert):
+        finding.problems.append(f"expired on {pki.not_after(cert)} UTC")
     elif finding.days_left < warn:
         finding.problems.append(f"expires in {finding.days_left} days (warning at {warn})")
-    if now < cert.not_valid_before:
-        finding.problems.append(f"not valid before {cert.not_valid_before} UTC")
+    if now < pki.not_before(cert):
+        finding.problems.append(f"not valid before {pki.not_before(cert)} UTC")
 
 
 def _key_id(key: pki.PrivateKey) -> str:

@@ -115,15 +115,27 @@ def chain(cert: x509.Certificate, cas: list[x509.Certificate]) -> list[x509.Cert
 def check_validity(cert: x509.Certificate, what: str, now: datetime.datetime | None = None) -> None:
     """PkiError unless `cert` is valid at `now` (default: this moment)."""
     now = now or utcnow()
-    if now < cert.not_valid_before:
-        raise PkiError(f"{what} {describe(cert)} is not valid before {cert.not_valid_before} UTC")
-    if now > cert.not_valid_after:
-        raise PkiError(f"{what} {describe(cert)} expired on {cert.not_valid_after} UTC")
+    if now < not_before(cert):
+        raise PkiError(f"{what} {describe(cert)} is not valid before {not_before(cert)} UTC")
+    if now > not_after(cert):
+        raise PkiError(f"{what} {describe(cert)} expired on {not_after(cert)} UTC")
 
 
 def describe(cert: x509.Certificate) -> str:
     """A certificate's subject, for messages."""
     return f"'{cert.subject.rfc4514_string()}'"
+
+
+def not_before(cert: x509.Certificate) -> datetime.datetime:
+    """Start of validity, naive UTC, without the deprecation warning of cryptography >= 42."""
+    aware = getattr(cert, "not_valid_before_utc", None)
+    return cert.not_valid_before if aware is None else aware.replace(tzinfo=None)
+
+
+def not_after(cert: x509.Certificate) -> datetime.datetime:
+    """End of validity, naive UTC, without the deprecation warning of cryptography >= 42."""
+    aware = getattr(cert, "not_valid_after_utc", None)
+    return cert.not_valid_after if aware is None else aware.replace(tzinfo=None)
 
 
 def utcnow() -> datetime.datetime:

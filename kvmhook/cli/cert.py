@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kvmhook import certificates, paths
+from kvmhook import certificates, paths, pki
 from kvmhook.errors import KvmhookError
 
 _agent_dir_option = click.option(
@@ -101,4 +101,4 @@ def renew(agent_dir: str | None, signer: str, days: int, key_type: str, restart:
     except KvmhookError as error:
         raise click.ClickException(str(error)) from None
     leaf = material.chain[0]
-    click.echo(f"renewed: {leaf.subject.rfc4514_string()}, valid until {leaf.not_valid_after} UTC")
+    click.echo(f"renewed: {leaf.subject.rfc4514_string()}, valid until {pki.not_after(leaf)} UTC")
