@@ -5,10 +5,11 @@
 set -euo pipefail
 source "$(dirname "$0")/venv.sh" test
 cd "$REPO"
-# tests/e2e: a real libvirtd and QEMU, and the tools that build the packages.
+# tests/e2e: a real libvirtd and QEMU, the tools that build the packages; keytool
+# and openssl check the keystore tools.
 need_debs libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
     make dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-    rpm logrotate
+    rpm logrotate default-jre-headless openssl
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .

@@ -81,6 +81,21 @@ def test_package_installs_hook_custom_dir_logrotate_and_commands(clean_host, deb
     assert "domain=pkgtest op=start subop=begin" in LOG.read_text()
 
 
+def test_installed_keystore_tools_run_on_the_distribution_libraries(clean_host, debs, tmp_path):
+    """The packaged tools work with Debian's cryptography and psutil: a key, keystore and CSR."""
+    apt_install(debs[1])
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    props, keystore, csr = agent / "agent.properties", agent / "cloud.jks", agent / "cloud.csr"
+    made = run("/usr/bin/keystore-setup", str(props), str(keystore), "pass-phrase", "30", str(csr))
+    assert made.stdout.startswith("-----BEGIN CERTIFICATE REQUEST-----")
+    assert csr.read_text() == made.stdout
+    listing = run("keytool", "-list", "-keystore", str(keystore), "-storepass", "pass-phrase")
+    assert "cloud, " in listing.stdout and "PrivateKeyEntry" in listing.stdout
+    status = run("/usr/bin/kvmhook", "cert", "status", "--agent-dir", str(agent), check=False)
+    assert status.returncode == 1 and "cloud.crt: No such file or directory" in status.stdout
+
+
 def test_upgrade_keeps_the_edited_timeout_and_remove_keeps_scripts_and_log(clean_host, debs):
     """An edited timeoutSeconds survives an upgrade; remove keeps custom scripts, log and hook."""
     apt_install(debs[1])
