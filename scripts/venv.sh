@@ -23,7 +23,8 @@ quiet_pip() {
     "$@" 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
 }
 
-need_debs python3 python3-venv
+# libvirt-python builds from source against libvirt-dev.
+need_debs python3 python3-venv python3-dev gcc pkg-config libvirt-dev
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 # compat mode: a plain .pth entry, so importing kvmhook costs what it costs installed.
 quiet_pip "$VENV/bin/pip" install -q --disable-pip-version-check \
