@@ -56,3 +56,39 @@ def tls_files() -> dict[str, str]:
 def agent_dir() -> str:
     """The CloudStack agent's directory: agent.properties, cloud.jks, cloud.crt/key/ca.crt."""
     return under_root("/etc/cloudstack/agent")
+
+
+def on_host(path: str) -> str:
+    """`path` (under the root prefix) as the host itself names it: the prefix taken off.
+
+    What goes inside a configuration file, where libvirtd reads it on its own host.
+    """
+    return "/" + os.path.relpath(path, root())
+
+
+def qemu_conf() -> str:
+    """The QEMU driver's configuration (read by libvirtd, or virtqemud with modular daemons)."""
+    return under_root("/etc/libvirt/qemu.conf")
+
+
+def virtproxyd_conf() -> str:
+    """virtproxyd's configuration: where its TLS settings live with modular daemons."""
+    return under_root("/etc/libvirt/virtproxyd.conf")
+
+
+def libvirtd_defaults() -> list[str]:
+    """Where distributions keep libvirtd's command line (LIBVIRTD_ARGS): Debian's, then RHEL's."""
+    return [under_root("/etc/default/libvirtd"), under_root("/etc/sysconfig/libvirtd")]
+
+
+def systemd_wants(target: str) -> str:
+    """The directory whose symlinks make units enabled for `target` (`sockets.target`)."""
+    return under_root(f"/etc/systemd/system/{target}.wants")
+
+
+def systemd_unit_dirs() -> list[str]:
+    """Where systemd unit files are installed, in systemd's order of precedence."""
+    return [
+        under_root(directory)
+        for directory in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
+    ]

@@ -8,6 +8,8 @@ import click
 
 from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
+from kvmhook.cli.migrate import migrate
+from kvmhook.cli.tls import tls
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,5 +21,7 @@ def main() -> None:
 
 main.add_command(hooks)
 main.add_command(cert)
+main.add_command(tls)
+main.add_command(migrate)
 
 __all__ = ["main"]

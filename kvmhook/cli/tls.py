@@ -1,0 +1,102 @@
+"""`kvmhook tls`: libvirt's TLS switched on or off, and the secured host checked."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import click
+
+from kvmhook import startup
+from kvmhook import tls as core
+from kvmhook.errors import KvmhookError
+
+_restart_option = click.option(
+    "--restart",
+    is_flag=True,
+    help="Restart, through systemd, what must read the new settings "
+    "(libvirtd, or the daemon and its TLS socket).",
+)
+
+
+@click.group()
+def tls() -> None:
+    """Secure this host: libvirt serving TLS on port 16514, migrations encrypted."""
+
+
+@tls.command(epilog="Example, before migrating: kvmhook tls status || kvmhook tls enable --restart")
+@click.option(
+    "--agent-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The agent's directory (default <root>/etc/cloudstack/agent).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the items as JSON.")
+def status(agent_dir: str | None, as_json: bool) -> None:
+    """Check whether this host is secured.
+
+    Item by item: the agent's, libvirt's and QEMU's certificates;
+    libvirtd.conf (listen_tls, certificate paths, auth_tls); libvirt's
+    start-up listening for TLS; a TLS handshake on the TLS port with our CA
+    and client certificate; qemu.conf's migration TLS. Exits 0 only when
+    secured, 1 otherwise."""
+    result = core.status(agent_dir)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        for item in result.items:
+            click.echo(f"{'ok' if item.ok else 'NOT OK':<6}  {item.name}: {item.detail}")
+        click.echo("secured" if result.secured else "not secured")
+    if not result.secured:
+        raise SystemExit(1)
+
+
+@tls.command(epilog="Example: kvmhook tls enable --restart && kvmhook tls status")
+@_restart_option
+def enable(restart: bool) -> None:
+    """Switch TLS on.
+
+    Sets listen_tls, listen_tcp = 0, tls_port, the certificate paths and
+    auth_tls in libvirtd.conf (virtproxyd.conf with modular daemons), QEMU's
+    migration TLS in qemu.conf, and --listen or the TLS socket unit, as this
+    host starts libvirt. Changes only what differs (a second run changes
+    nothing); each changed file keeps its previous content in FILE.bak.
+    Refuses, changing nothing, when the certificate files are not
+    installed."""
+    _switch(core.enable, restart, listen=True)
+
+
+@tls.command(epilog="Example: kvmhook tls disable --restart")
+@_restart_option
+def disable(restart: bool) -> None:
+    """Switch TLS off.
+
+    Sets listen_tls = 0, takes --listen out or disables the TLS socket unit,
+    and sets migrate_tls_force = 0 (when set). Each changed file keeps its
+    previous content in FILE.bak."""
+    _switch(core.disable, restart, listen=False)
+
+
+def _switch(action: Callable[[], core.Change], restart: bool, listen: bool) -> None:
+    try:
+        change = action()
+        _show(change, listen)
+        if restart:
+            for command in startup.restart(change.startup, listen):
+                click.echo(f"ran: {command}")
+        elif change.changed:
+            hint = startup.restart_hint(change.startup, listen)
+            click.echo(f"to apply: {hint}, or run again with --restart")
+    except KvmhookError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _show(change: core.Change, listen: bool) -> None:
+    click.echo(f"libvirt starts as: {change.startup.describe()}")
+    for file in change.files:
+        kept = f"; previous content in {file.backup}" if file.backup else " (new file)"
+        click.echo(f"changed {file.path}: {', '.join(file.keys)}{kept}")
+    if change.socket:
+        click.echo(f"{'enabled' if listen else 'disabled'} {change.startup.socket}")
+    if not change.changed:
+        click.echo(f"nothing to change: TLS is already {'on' if listen else 'off'}")

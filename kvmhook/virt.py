@@ -1,0 +1,129 @@
+"""The one module that calls libvirt (libvirt-python).
+
+Everything else goes through these few functions, so the rest of the project
+sees only `VirtError` (never `libvirt.libvirtError`) and plain values. The
+qemu hook must never import this module: libvirtd waits for the hook, and a
+call back into it deadlocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import libvirt
+
+from kvmhook.errors import DomainNotFoundError, VirtError
+
+# Re-exported so that the migration policy builds its flags without importing libvirt.
+MIGRATE_LIVE = libvirt.VIR_MIGRATE_LIVE
+MIGRATE_OFFLINE = libvirt.VIR_MIGRATE_OFFLINE
+MIGRATE_PEER2PEER = libvirt.VIR_MIGRATE_PEER2PEER
+MIGRATE_PERSIST_DEST = libvirt.VIR_MIGRATE_PERSIST_DEST
+MIGRATE_UNDEFINE_SOURCE = libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+MIGRATE_TLS = libvirt.VIR_MIGRATE_TLS
+MIGRATE_AUTO_CONVERGE = libvirt.VIR_MIGRATE_AUTO_CONVERGE
+PARAM_BANDWIDTH = libvirt.VIR_MIGRATE_PARAM_BANDWIDTH  # MiB/s
+
+
+def _silence(_context: object, _error: object) -> None:
+    """libvirt's default handler prints every error on stderr ("libvirt: ... error : ...")."""
+
+
+# Errors reach the operator once, as the message of a VirtError, not twice.
+libvirt.registerErrorHandler(_silence, None)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """A running job's figures from libvirt's job stats."""
+
+    processed: int  # bytes sent so far
+    remaining: int  # bytes still to send (grows when the guest dirties memory)
+    bytes_per_second: int  # QEMU's current transfer rate; 0 when not reported
+
+
+@contextlib.contextmanager
+def connect(uri: str, read_only: bool = False) -> Iterator[libvirt.virConnect]:
+    """A connection to `uri`, closed on exit."""
+    try:
+        conn = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+    except libvirt.libvirtError as error:
+        raise VirtError(f"cannot connect to {uri}: {error}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def check_connection(uri: str) -> None:
+    """Open and close a read-only connection to `uri`; raises VirtError with libvirt's reason.
+
+    For `qemu+tls://HOST/system` this is a full TLS handshake with this host's
+    CA and client certificate (/etc/pki/CA, /etc/pki/libvirt), the same files
+    the local libvirtd presents when it connects peer to peer.
+    """
+    with connect(uri, read_only=True):
+        pass
+
+
+def library_version() -> int:
+    """libvirt's version as one number (major * 1,000,000 + minor * 1,000 + micro)."""
+    return libvirt.getVersion()
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> Guest:
+    """The guest called `name` on `conn`."""
+    try:
+        return Guest(conn.lookupByName(name))
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise DomainNotFoundError(f"no guest named {name!r} on {conn.getURI()}") from None
+        raise VirtError(f"cannot look up guest {name!r}: {error}") from None
+
+
+class Guest:
+    """One libvirt domain, with the calls a migration needs."""
+
+    def __init__(self, domain: libvirt.virDomain) -> None:
+        self._domain = domain
+        self.name: str = domain.name()
+
+    def is_active(self) -> bool:
+        try:
+            return bool(self._domain.isActive())
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot read the state of {self.name}: {error}") from None
+
+    def migrate(self, dest_uri: str, params: dict[str, int], flags: int) -> None:
+        """Migrate peer to peer to `dest_uri`; blocks until libvirt has finished or failed."""
+        try:
+            self._domain.migrateToURI3(dest_uri, params, flags)
+        except libvirt.libvirtError as error:
+            raise VirtError(f"migration of {self.name} to {dest_uri} failed: {error}") from None
+
+    def progress(self) -> JobProgress | None:
+        """The current job's progress, or None when there is none to show.
+
+        Stats only decorate the wait: a job that is starting or has just ended,
+        or a driver without job stats, must not disturb the migration itself.
+        """
+        try:
+            stats = self._domain.jobStats()
+        except libvirt.libvirtError:
+            return None
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return None
+        return JobProgress(
+            processed=stats.get(libvirt.VIR_DOMAIN_JOB_DATA_PROCESSED, 0),
+            remaining=stats.get(libvirt.VIR_DOMAIN_JOB_DATA_REMAINING, 0),
+            bytes_per_second=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_BPS, 0),
+        )
+
+    def abort(self) -> None:
+        """Abort the running job (the migration); the guest resumes on this host."""
+        try:
+            self._domain.abortJob()
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot abort the job of {self.name}: {error}") from None
