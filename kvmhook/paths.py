@@ -92,3 +92,8 @@ def systemd_unit_dirs() -> list[str]:
         under_root(directory)
         for directory in ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
     ]
+
+
+def maintenance_state() -> str:
+    """The host's maintenance state, which the hook reads on prepare and migrate."""
+    return under_root("/var/lib/kvmhook/maintenance")

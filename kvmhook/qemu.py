@@ -2,7 +2,8 @@
 
 libvirtd runs this on every guest lifecycle event and waits for it, so it
 exits 0 whatever happens: an unknown operation, a failing or hanging custom
-script, an unwritable log, even a bug here must never block a guest. It
+script, an unwritable log, even a bug here must never block a guest. The one
+exception is the operator's: a host in maintenance refuses arriving guests. It
 writes nothing on stdout, where libvirt expects new domain XML for migrate
 and restore. Imports are kept to the few the run needs: every millisecond
 here is paid on every guest start.
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
 
 
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
-    """Run the hook for `argv` (default: the command line); always returns 0.
+    """Run the hook for `argv` (default: the command line); returns its exit status.
+
+    0 in every case but one: while the host is in maintenance (see
+    hoststate), `prepare` and `migrate` return 1, so libvirt refuses the guest.
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
     may run. KVMHOOK_TIMEOUT overrides it.
@@ -28,12 +32,16 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
     args = list(sys.argv[1:] if argv is None else argv)
     log = HookLog(paths.log_file(), *_context(args))
     try:
-        _run(args, timeout, log)
+        return _run(args, timeout, log)
     except Exception as error:  # a bug here must not block a guest: report it and let it start
         _report_bug(error, log)
+        return 0
     finally:
         log.close()
-    return 0
+
+
+# The operations by which a guest arrives on this host.
+_ARRIVALS = ("prepare", "migrate")
 
 
 def _context(args: list[str]) -> tuple[str, str, str]:
@@ -41,16 +49,35 @@ def _context(args: list[str]) -> tuple[str, str, str]:
     return padded[0], padded[1], padded[2]
 
 
-def _run(args: list[str], timeout: "float | None", log: HookLog) -> None:
+def _run(args: list[str], timeout: "float | None", log: HookLog) -> int:
     if len(args) != 4:
         log.record("-", f"wrong number of arguments ({len(args)}, expected 4): {_shown(args)}")
-        return
+        return 0
     event = dispatch.Event(*args)
     if event.operation not in dispatch.OPERATIONS:
         log.record("-", f"unknown operation {event.operation!r}, no scripts run: {_shown(args)}")
-        return
+        return 0
+    if event.operation in _ARRIVALS and _refused_for_maintenance(log):
+        return 1
     stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
     dispatch.run_hook(event, log, timeout, stdin_fd)
+    return 0
+
+
+def _refused_for_maintenance(log: HookLog) -> bool:
+    """In maintenance, a guest arriving (start, incoming migration) is refused, with the reason
+    on stderr for libvirt to show; nothing else (reconnect above all) is ever blocked."""
+    from kvmhook import hoststate
+
+    state, _ = hoststate.read()
+    if state not in hoststate.REFUSING:
+        return False
+    log.record("-", f"refused: {hoststate.REFUSAL} (state {state}); no scripts run")
+    try:
+        sys.stderr.write(hoststate.REFUSAL + "\n")
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _shown(args: list[str]) -> str:
