@@ -39,3 +39,47 @@ class MigrationAbortedError(MigrationError):
 
 class TlsError(KvmhookError):
     """TLS cannot be switched: certificates missing, a file or unit unusable, no restart."""
+
+
+class ConfigError(KvmhookError):
+    """kvmhook.conf cannot be read or holds a bad value; the message names the file and where."""
+
+
+class ControllerError(KvmhookError):
+    """The controller (management server): its configuration is broken, or it refused or failed."""
+
+
+class FactorError(KvmhookError):
+    """An over-provisioning factor is not a number above 0."""
+
+
+class ControllerUnreachable(ControllerError):
+    """No configured management server answered; the message names each one and why."""
+
+
+class MaintenanceError(KvmhookError):
+    """The host did not get to the maintenance state asked for; the message says why."""
+
+
+class IllegalTransitionError(MaintenanceError):
+    """The maintenance state machine forbids the move from the current state: nothing changed."""
+
+
+class PeersRequiredError(MaintenanceError):
+    """Guests are running and no peer was named to take them (standalone `enter --to`)."""
+
+
+class MaintenanceFailedError(MaintenanceError):
+    """The host ended in ErrorInPrepareForMaintenance or ErrorInMaintenance; the reason says why."""
+
+
+class MaintenanceAbortedError(MaintenanceError):
+    """Maintenance was given up: --timeout reached or interrupted; the message says where it is."""
+
+
+class DrainCancelledError(MaintenanceError):
+    """Maintenance was cancelled (here or at the controller) while the host was being drained."""
+
+
+class StateFileError(MaintenanceError):
+    """The maintenance state file cannot be written (it lives under /var/lib/kvmhook)."""

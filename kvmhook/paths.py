@@ -97,3 +97,13 @@ def systemd_unit_dirs() -> list[str]:
 def maintenance_state() -> str:
     """The host's maintenance state, which the hook reads on prepare and migrate."""
     return under_root("/var/lib/kvmhook/maintenance")
+
+
+def kvmhook_conf() -> str:
+    """The agent's own settings (INI); absent on a host that keeps every default."""
+    return under_root("/etc/kvmhook/kvmhook.conf")
+
+
+def controller_conf() -> str:
+    """The controller client's settings: its endpoints, API key and secret (so mode 0600)."""
+    return under_root("/etc/kvmhook/controller.conf")

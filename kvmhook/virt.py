@@ -127,3 +127,45 @@ class Guest:
             self._domain.abortJob()
         except libvirt.libvirtError as error:
             raise VirtError(f"cannot abort the job of {self.name}: {error}") from None
+
+
+@dataclass(frozen=True)
+class GuestSize:
+    """What a running guest takes of its host, as capacity counts it."""
+
+    name: str
+    vcpus: int  # the vCPUs it has now (hot-plugging more is an explicit act)
+    # Bytes: its maximum memory, not the balloon's current size. The balloon is the
+    # host's lever for over-committing memory; counting it would apply the factor twice.
+    memory: int
+
+
+def running_guests(uri: str) -> list[GuestSize]:
+    """The guests running on `uri`, sorted by name, read over a read-only connection."""
+    with connect(uri, read_only=True) as conn:
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot list the guests on {uri}: {error}") from None
+        sizes = [size for size in map(guest_size, domains) if size is not None]
+    return sorted(sizes, key=lambda size: size.name)
+
+
+def guest_size(domain: libvirt.virDomain) -> GuestSize | None:
+    """The guest's size, or None when it went away since it was listed."""
+    try:
+        _state, max_kib, _kib, vcpus, _cpu_time = domain.info()
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VirtError(f"cannot read the size of {domain.name()}: {error}") from None
+    return GuestSize(name=domain.name(), vcpus=vcpus, memory=max_kib * 1024)
+
+
+def free_memory(uri: str) -> int:
+    """The free memory of the host behind `uri`, in bytes (libvirt's getFreeMemory), read-only."""
+    with connect(uri, read_only=True) as conn:
+        try:
+            return conn.getFreeMemory()
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot read the free memory of {uri}: {error}") from None

@@ -6,6 +6,7 @@ from importlib.metadata import version
 
 import click
 
+from kvmhook.cli.capacity import capacity
 from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
 from kvmhook.cli.migrate import migrate
@@ -23,5 +24,6 @@ main.add_command(hooks)
 main.add_command(cert)
 main.add_command(tls)
 main.add_command(migrate)
+main.add_command(capacity)
 
 __all__ = ["main"]

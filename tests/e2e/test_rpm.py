@@ -32,6 +32,8 @@ REQUIREMENTS = (
     "python3-structlog",
     "python3-click",
     "python3-cryptography",
+    "python3-cs",
+    "python3-requests",
 )
 
 
@@ -147,7 +149,7 @@ def test_launcher_and_logrotate_are_config_noreplace_and_custom_dir_is_root_0755
 
 
 def test_requires_the_rhel_names(rpm_file):
-    """`rpm --requires` lists python3 and the five libraries by their RHEL/Fedora names."""
+    """`rpm --requires` lists python3 and the libraries by their RHEL/Fedora names."""
     requires = {line.split()[0] for line in query(rpm_file, "--requires").splitlines()}
     missing = [name for name in REQUIREMENTS if name not in requires]
     assert not missing, f"missing {missing} in {sorted(requires)}"

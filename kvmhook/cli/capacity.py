@@ -1,0 +1,126 @@
+"""`kvmhook capacity`: this host's CPU and memory, over-provisioned, used by guests, free."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from kvmhook.errors import FactorError, KvmhookError
+
+GIB = 2**30
+
+_EPILOG = """\b
+Factors, each from the first that sets it:
+  the flag;
+  the controller's settings for this host's cluster, when controller.conf
+    exists (a controller that cannot be asked is a warning, and skipped);
+  [capacity] cpu_factor / mem_factor in /etc/kvmhook/kvmhook.conf;
+  1.
+A factor above 4 (the admin guide's limit for XenServer) is a warning.
+
+\b
+Exit codes: 0 reported, 1 libvirt or a factor setting failed, 2 usage.
+
+Example, for monitoring: kvmhook capacity --json | jq .memory.free"""
+
+
+def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A factor flag that is not above 0 is a usage error (exit 2), not a failure."""
+    if value is None:
+        return None
+    from kvmhook import capacity as core
+
+    try:
+        return core.check_factor(value, "the factor")
+    except FactorError as error:
+        raise click.BadParameter(str(error), param=param) from None
+
+
+@click.command(epilog=_EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option(
+    "--cpu-factor", type=float, callback=_factor, metavar="F", help="CPU over-provisioning factor."
+)
+@click.option(
+    "--mem-factor",
+    type=float,
+    callback=_factor,
+    metavar="F",
+    help="Memory over-provisioning factor.",
+)
+@click.option(
+    "--connect",
+    "uri",
+    envvar="KVMHOOK_LIBVIRT_URI",
+    default="qemu:///system",
+    show_default=True,
+    help="libvirt URI of this host (or KVMHOOK_LIBVIRT_URI).",
+)
+def capacity(as_json: bool, cpu_factor: float | None, mem_factor: float | None, uri: str) -> None:
+    """Show this host's CPU (cores, MHz, cores x MHz) and memory: physical,
+    after over-provisioning (physical x factor), used by the running guests
+    (their vCPUs and maximum memory, read from libvirt) and free."""
+    # Imported here: loading libvirt-python costs every other command ~50 ms.
+    from kvmhook import capacity as core
+
+    try:
+        result = core.report(uri, cpu_factor, mem_factor, controller=core.controller_ratios)
+    except KvmhookError as error:
+        raise click.ClickException(str(error)) from None
+    for warning in result.factors.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    figures = result.as_dict()
+    click.echo(json.dumps(figures, indent=2) if as_json else "\n".join(_table(figures)))
+
+
+def _table(figures: dict[str, Any]) -> list[str]:
+    cpu, memory = figures["cpu"], figures["memory"]
+    return [
+        f"cpu     {_clock(cpu)}",
+        f"memory  {_gib(memory['physical'])}",
+        "",
+        _row("", "factor", "from", "capacity", "used", "free"),
+        _row(
+            "cpu",
+            f"{cpu['factor']:g}",
+            cpu["factor_source"],
+            *(f"{cpu[key]:g}" for key in ("capacity", "used", "free")),
+        ),
+        _row(
+            "memory",
+            f"{memory['factor']:g}",
+            memory["factor_source"],
+            *(_gib(memory[key]) for key in ("capacity", "used", "free")),
+        ),
+        "",
+        *_guest_lines(figures["guests"]),
+    ]
+
+
+def _clock(cpu: dict[str, Any]) -> str:
+    if not cpu["mhz"]:
+        return f"{cpu['cores']} cores, clock unknown (neither psutil nor /proc/cpuinfo gives it)"
+    return (
+        f"{cpu['cores']} cores x {cpu['mhz']:.0f} MHz = {cpu['mhz_total']:.0f} MHz"
+        f" (clock from {cpu['mhz_source']})"
+    )
+
+
+def _row(name: str, factor: str, source: str, capacity: str, used: str, free: str) -> str:
+    return f"{name:<8}{factor:>6}  {source:<14}{capacity:>12}{used:>12}{free:>12}"
+
+
+def _guest_lines(guests: list[dict[str, Any]]) -> list[str]:
+    if not guests:
+        return ["no running guests"]
+    width = max(len("guest"), *(len(guest["name"]) for guest in guests))
+    lines = [f"{'guest':<{width}}  {'vcpus':>5}  {'memory':>10}"]
+    for guest in guests:
+        lines.append(f"{guest['name']:<{width}}  {guest['vcpus']:>5}  {_gib(guest['memory']):>10}")
+    return lines
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:.2f} GiB"
