@@ -9,6 +9,7 @@ import click
 from kvmhook.cli.capacity import capacity
 from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
+from kvmhook.cli.maintenance import maintenance
 from kvmhook.cli.migrate import migrate
 from kvmhook.cli.tls import tls
 
@@ -25,5 +26,6 @@ main.add_command(cert)
 main.add_command(tls)
 main.add_command(migrate)
 main.add_command(capacity)
+main.add_command(maintenance)
 
 __all__ = ["main"]

@@ -22,7 +22,10 @@ from harness import (
     SCRATCH,
     TOOLS,
     Libvirtd,
+    apt,
+    apt_install,
     guests,
+    package_state,
     run,
     running_libvirtd,
     version,
@@ -105,3 +108,16 @@ def custom():
     yield write
     for path in written:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def installed(libvirtd, debs):
+    """kvmhook installed from its .deb while our libvirtd runs; purged after unless it was
+    installed before."""
+    before = package_state()
+    if before != "not-installed":
+        apt("purge", "kvmhook")
+    apt_install(debs[1])
+    yield libvirtd
+    if before == "not-installed":
+        apt("purge", "kvmhook")

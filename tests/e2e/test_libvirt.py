@@ -13,10 +13,8 @@ import pytest
 from harness import (
     GUEST_PREFIX,
     HOOK,
-    apt_install,
     define_guest,
     log_records,
-    package_state,
     run,
 )
 
@@ -35,15 +33,6 @@ LIFECYCLE = [
     ("stopped", "end"),
     ("release", "end"),
 ]
-
-
-@pytest.fixture(scope="module")
-def installed(libvirtd, debs):
-    """kvmhook installed from its .deb while our libvirtd runs (postinst reloads it)."""
-    if package_state() != "not-installed":
-        run("apt-get", "purge", "-y", "kvmhook", timeout=300)
-    apt_install(debs[1])
-    return libvirtd
 
 
 @pytest.fixture

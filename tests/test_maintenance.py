@@ -1,0 +1,710 @@
+"""Host maintenance: the state machine, the standalone drain, controller mode, the command.
+
+libvirt and the controller are fakes here (FakeLibvirt, FakeController),
+each standing in for exactly what kvmhook.maintenance asks of them; the
+state file is the real one under a temporary KVMHOOK_ROOT. Real drains are
+tests/e2e/test_maintenance.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvmhook import hoststate, virt
+from kvmhook import maintenance as host_maintenance
+from kvmhook import migrate as migration
+from kvmhook.cli.maintenance import maintenance as maintenance_command
+from kvmhook.errors import (
+    ControllerError,
+    DrainCancelledError,
+    IllegalTransitionError,
+    MaintenanceAbortedError,
+    MaintenanceFailedError,
+    MigrationAbortedError,
+    MigrationError,
+    NotSecuredError,
+    PeersRequiredError,
+    StateFileError,
+    VirtError,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 2**30
+# The reference's five states, written out rather than imported from the code under test.
+ENABLED = "Enabled"
+PREPARE = "PrepareForMaintenance"
+ERROR_IN_PREPARE = "ErrorInPrepareForMaintenance"
+MAINTENANCE = "Maintenance"
+ERROR_IN_MAINTENANCE = "ErrorInMaintenance"
+STATES = (ENABLED, PREPARE, ERROR_IN_PREPARE, MAINTENANCE, ERROR_IN_MAINTENANCE)
+# The issue's and CloudStack's ResourceState transitions between them that a host makes.
+LEGAL = {
+    (ENABLED, PREPARE),  # enter (AdminAskMaintenance)
+    (PREPARE, MAINTENANCE),  # every guest moved (InternalEnterMaintenance)
+    (PREPARE, ERROR_IN_PREPARE),  # a guest cannot move (UnableToMigrate)
+    (PREPARE, ENABLED),  # cancel while preparing (AdminCancelMaintenance)
+    (ERROR_IN_PREPARE, PREPARE),  # enter again: retry (ErrorsCorrected)
+    (ERROR_IN_PREPARE, ENABLED),  # cancel
+    (MAINTENANCE, ENABLED),  # cancel
+    (ERROR_IN_MAINTENANCE, PREPARE),  # enter again (AdminAskMaintenance)
+    (ERROR_IN_MAINTENANCE, ENABLED),  # cancel
+}
+ILLEGAL = sorted({(a, b) for a in STATES for b in STATES} - LEGAL)
+
+
+@pytest.fixture(autouse=True)
+def root(tmp_path, monkeypatch) -> Path:
+    """A host root of its own, where the state file lives; the controller polled at once."""
+    monkeypatch.setenv("KVMHOOK_ROOT", str(tmp_path))
+    monkeypatch.setattr(host_maintenance, "POLL_SECONDS", 0.01)
+    return tmp_path
+
+
+def state_file(root: Path) -> Path:
+    return root / "var/lib/kvmhook/maintenance"
+
+
+def guest(name: str, gib: float = 1) -> virt.GuestSize:
+    return virt.GuestSize(name=name, vcpus=1, memory=int(gib * GIB))
+
+
+class FakeLibvirt:
+    """This host's running guests, its peers' free memory, and migrations that succeed
+    (the guest leaves the list), fail with the given error, or run `during` first."""
+
+    def __init__(self, guests=(), free=None, failures=None, during=None):
+        self.guests = guests if isinstance(guests, Exception) else list(guests)
+        self.free = dict(free or {})
+        self.failures = dict(failures or {})
+        self.during = during
+        self.migrations: list[tuple[str, str, float | None]] = []
+        self.states_seen: list[str] = []
+
+    def running_guests(self):
+        if isinstance(self.guests, Exception):
+            raise self.guests
+        return list(self.guests)
+
+    def free_memory(self, peer: str) -> int:
+        found = self.free[peer]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def migrate(self, name: str, peer: str, timeout) -> None:
+        self.migrations.append((name, peer, timeout))
+        self.states_seen.append(hoststate.read()[0])
+        if self.during is not None:
+            self.during()
+        if name in self.failures:
+            raise self.failures[name]
+        self.guests = [g for g in self.guests if g.name != name]
+
+
+class FakeController:
+    """kvmhook.controller.Controller's maintenance calls; `states` are what resource_state
+    answers in turn (the last one for ever), `error` what every call raises."""
+
+    def __init__(self, states=(PREPARE,), name="kvm1", error=None):
+        self.states = list(states)
+        self.name = name
+        self.error = error
+        self.calls: list[tuple[str, float | None]] = []
+
+    def _answer(self, call: str, timeout=None):
+        self.calls.append((call, timeout))
+        if self.error is not None:
+            raise self.error
+
+    def host(self) -> dict:
+        self._answer("host")
+        return {"id": "0f1e", "name": self.name, "resourcestate": self.states[0]}
+
+    def resource_state(self) -> str:
+        self._answer("resource_state")
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def prepare_maintenance(self, timeout: float = 600) -> dict:
+        self._answer("prepare_maintenance", timeout)
+        return {}
+
+    def cancel_maintenance(self, timeout: float = 600) -> dict:
+        self._answer("cancel_maintenance", timeout)
+        return {}
+
+
+def enter(libvirt, peers=("kvm2",), timeout=None, lines=None):
+    report = lines.append if lines is not None else (lambda _line: None)
+    return host_maintenance.enter_standalone(libvirt, list(peers), timeout, report)
+
+
+# --- the state machine --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "target"), sorted(LEGAL))
+def test_every_legal_transition_is_recorded(root, source, target):
+    """Each move of the reference's list is allowed and lands in the state file."""
+    hoststate.write(source)
+    assert host_maintenance.move(target, "why") == source
+    assert hoststate.read() == (target, "why")
+
+
+@pytest.mark.parametrize(("source", "target"), ILLEGAL)
+def test_every_illegal_transition_is_refused_naming_both_states(root, source, target):
+    """Every other move (staying put included) is refused with both states named; the file
+    is not touched."""
+    hoststate.write(source, "before")
+    before = state_file(root).read_bytes()
+    with pytest.raises(IllegalTransitionError) as refused:
+        host_maintenance.move(target)
+    assert f"illegal transition {source} -> {target}: a host in {source} may go only to" in str(
+        refused.value
+    )
+    assert state_file(root).read_bytes() == before
+
+
+def test_no_state_file_is_enabled_and_may_only_enter(root):
+    """A host that never entered maintenance can enter, and cannot be cancelled."""
+    with pytest.raises(IllegalTransitionError, match="Enabled -> Enabled"):
+        host_maintenance.cancel_standalone()
+    assert not state_file(root).exists()
+    host_maintenance.move(PREPARE)
+    assert hoststate.read() == (PREPARE, "")
+
+
+def test_state_file_keeps_its_old_content_when_the_rename_fails(root, monkeypatch):
+    """The atomic replace failing at its last step (the rename): the old state is intact,
+    no temporary file is left beside it, and the error names the file."""
+    hoststate.write(MAINTENANCE, "drained")
+    before = state_file(root).read_bytes()
+
+    def failing_replace(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(StateFileError, match=r"cannot record Enabled in .*: No space left"):
+        host_maintenance.cancel_standalone()
+    assert state_file(root).read_bytes() == before
+    assert os.listdir(state_file(root).parent) == ["maintenance"]
+
+
+# Writes two states with a long reason, over and over, until killed.
+WRITER = """
+import sys
+from kvmhook import hoststate
+reason = "guest-left " * 400
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+while True:
+    hoststate.write("PrepareForMaintenance", reason)
+    hoststate.write("Maintenance", reason)
+"""
+
+
+@pytest.mark.slow
+def test_state_file_is_old_or_new_never_partial_when_the_writer_is_killed(root):
+    """A writer killed with SIGKILL at random moments: what the hook reads while it writes,
+    and what is left after, is always a whole state file, never a torn or empty one."""
+    reason = " ".join(["guest-left"] * 400)
+    whole = {
+        f"{ENABLED}\n".encode(),
+        f"{PREPARE}\n{reason}\n".encode(),
+        f"{MAINTENANCE}\n{reason}\n".encode(),
+    }
+    hoststate.write(ENABLED)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _ in range(6):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER], stdout=subprocess.PIPE, env=env, text=True
+        )
+        assert writer.stdout.readline() == "ready\n"
+        until = time.monotonic() + random.uniform(0.05, 0.3)
+        while time.monotonic() < until:
+            assert state_file(root).read_bytes() in whole
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        writer.stdout.close()
+        assert state_file(root).read_bytes() in whole
+        assert hoststate.read()[0] in (ENABLED, PREPARE, MAINTENANCE)
+
+
+# --- standalone: the drain ----------------------------------------------------------------
+
+
+def test_drain_moves_each_guest_to_the_peer_with_most_free_memory(root):
+    """Free memory asked once per peer, booked as guests go: 2 GiB `big` to kvm3 (3 GiB free,
+    1 left), then 1 GiB `small` to kvm2 (2 GiB free beats 1). An unreachable peer is skipped
+    and said so; the host ends in Maintenance."""
+    libvirt = FakeLibvirt(
+        guests=[guest("big", 2), guest("small", 1)],
+        free={"kvm2": 2 * GIB, "kvm3": 3 * GIB, "kvm4": VirtError("cannot connect to kvm4")},
+    )
+    lines: list[str] = []
+    moved = enter(libvirt, peers=("kvm4", "kvm2", "kvm3"), lines=lines)
+    assert moved == ["big", "small"]
+    assert [(name, peer) for name, peer, _ in libvirt.migrations] == [
+        ("big", "kvm3"),
+        ("small", "kvm2"),
+    ]
+    assert hoststate.read() == (MAINTENANCE, "")
+    assert lines == [
+        "skipping kvm4: cannot connect to kvm4",
+        "moving big (2048 MiB) to kvm3 (3072 MiB free)",
+        "moved big to kvm3",
+        "moving small (1024 MiB) to kvm2 (2048 MiB free)",
+        "moved small to kvm2",
+    ]
+
+
+def test_equal_free_memory_goes_to_the_first_peer_named(root):
+    """A tie is broken by the order of --to."""
+    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm3": GIB, "kvm2": GIB})
+    enter(libvirt, peers=("kvm3", "kvm2"))
+    assert libvirt.migrations[0][1] == "kvm3"
+
+
+def test_the_hook_refuses_guests_while_the_drain_runs(root):
+    """PrepareForMaintenance is recorded before the first migration: arrivals are refused."""
+    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
+    enter(libvirt)
+    assert libvirt.states_seen == [PREPARE, PREPARE]
+
+
+def test_an_empty_host_needs_no_peer_and_goes_to_maintenance(root):
+    """No guest running: no --to needed, Enabled -> PrepareForMaintenance -> Maintenance."""
+    libvirt = FakeLibvirt()
+    assert enter(libvirt, peers=()) == []
+    assert hoststate.read() == (MAINTENANCE, "")
+
+
+def test_guests_running_and_no_peer_changes_nothing(root):
+    """Guests running and no --to: refused before the state changes, the guests named."""
+    with pytest.raises(PeersRequiredError, match=r"guests are running here \(vm1, vm2\)"):
+        enter(FakeLibvirt(guests=[guest("vm1"), guest("vm2")]), peers=())
+    assert not state_file(root).exists()
+
+
+def test_a_guest_that_cannot_move_leaves_error_in_prepare_with_the_reason(root):
+    """One guest's migration fails: the others still move, the host is left in
+    ErrorInPrepareForMaintenance with the guest's name and error as the reason."""
+    libvirt = FakeLibvirt(
+        guests=[guest("vm1"), guest("vm2"), guest("vm3")],
+        free={"kvm2": 8 * GIB},
+        failures={"vm2": VirtError("migration of vm2 failed: unsupported configuration")},
+    )
+    lines: list[str] = []
+    with pytest.raises(MaintenanceFailedError) as failed:
+        enter(libvirt, lines=lines)
+    reason = "vm2: migration of vm2 failed: unsupported configuration"
+    assert str(failed.value) == f"1 guest(s) not moved, the host is in {ERROR_IN_PREPARE}: {reason}"
+    assert hoststate.read() == (ERROR_IN_PREPARE, reason)
+    assert [name for name, _, _ in libvirt.migrations] == ["vm1", "vm2", "vm3"]
+    assert "vm2 stays: migration of vm2 failed: unsupported configuration" in lines
+
+
+def test_a_refusal_to_migrate_insecurely_is_a_guest_that_cannot_move(root):
+    """kvmhook migrate's refusals (here: not secured) count as the guest's reason too."""
+    refusal = NotSecuredError("refusing to migrate: this host is not secured (no TLS)")
+    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB}, failures={"vm1": refusal})
+    with pytest.raises(MaintenanceFailedError):
+        enter(libvirt)
+    assert hoststate.read() == (ERROR_IN_PREPARE, f"vm1: {refusal}")
+
+
+def test_no_reachable_peer_leaves_every_guest_with_the_peers_reasons(root):
+    """Every peer unreachable: nothing is migrated, each guest's reason says why."""
+    libvirt = FakeLibvirt(
+        guests=[guest("vm1"), guest("vm2")], free={"kvm2": VirtError("connection refused")}
+    )
+    with pytest.raises(MaintenanceFailedError):
+        enter(libvirt)
+    assert libvirt.migrations == []
+    why = "no peer can take it (kvm2: connection refused)"
+    assert hoststate.read() == (ERROR_IN_PREPARE, f"vm1: {why}; vm2: {why}")
+
+
+def test_retrying_after_an_error_finishes_the_drain(root):
+    """enter again from ErrorInPrepareForMaintenance, the problem fixed: Maintenance."""
+    libvirt = FakeLibvirt(
+        guests=[guest("vm1")], free={"kvm2": GIB}, failures={"vm1": VirtError("boom")}
+    )
+    with pytest.raises(MaintenanceFailedError):
+        enter(libvirt)
+    libvirt.failures = {}
+    assert enter(libvirt) == ["vm1"]
+    assert hoststate.read() == (MAINTENANCE, "")
+
+
+def test_an_aborted_migration_stops_the_drain(root):
+    """The time running out (or Ctrl-C) during a migration: that guest stays, the rest are
+    not tried, ErrorInPrepareForMaintenance says so; MaintenanceAbortedError."""
+    aborted = MigrationAbortedError("migration of vm1 timed out after 5 s: aborted")
+    libvirt = FakeLibvirt(
+        guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB}, failures={"vm1": aborted}
+    )
+    with pytest.raises(MaintenanceAbortedError):
+        enter(libvirt, timeout=5)
+    assert [name for name, _, _ in libvirt.migrations] == ["vm1"]
+    assert hoststate.read() == (
+        ERROR_IN_PREPARE,
+        f"vm1: {aborted}; vm2: not attempted: --timeout reached or interrupted",
+    )
+
+
+def test_each_migration_gets_the_time_left(root):
+    """--timeout is for the whole drain: each migration is given what is left of it."""
+    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
+    enter(libvirt, timeout=100)
+    first, second = (timeout for _, _, timeout in libvirt.migrations)
+    assert 99 < first <= 100 and second <= first
+
+
+def test_a_cancel_during_the_drain_stops_it_and_stays_enabled(root):
+    """`cancel` run while the drain migrates: no further guest is moved, the host stays
+    Enabled (no error state written over the cancel)."""
+    libvirt = FakeLibvirt(
+        guests=[guest("vm1"), guest("vm2")],
+        free={"kvm2": 8 * GIB},
+        during=host_maintenance.cancel_standalone,
+    )
+    with pytest.raises(DrainCancelledError, match="cancelled during the drain"):
+        enter(libvirt)
+    assert [name for name, _, _ in libvirt.migrations] == ["vm1"]
+    assert hoststate.read() == (ENABLED, "")
+
+
+def test_ctrl_c_outside_a_migration_leaves_error_in_prepare(root):
+    """Interrupted between migrations: never left preparing with nobody draining."""
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB}, during=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        enter(libvirt)
+    assert hoststate.read() == (ERROR_IN_PREPARE, "the drain stopped: interrupted")
+
+
+def test_a_guest_left_running_after_the_drain_is_an_error(root):
+    """The final listing is the truth: a guest still there is named even without a failure."""
+    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB})
+    libvirt.migrate = lambda name, peer, timeout: None  # "succeeds", the guest stays
+    with pytest.raises(MaintenanceFailedError):
+        enter(libvirt)
+    assert hoststate.read() == (ERROR_IN_PREPARE, "vm1: still running after the drain")
+
+
+def test_enter_is_refused_from_maintenance_before_libvirt_is_asked(root):
+    """An illegal enter changes nothing and asks nothing."""
+    hoststate.write(MAINTENANCE)
+    libvirt = FakeLibvirt(guests=VirtError("must not be asked"))
+    with pytest.raises(IllegalTransitionError, match="Maintenance -> PrepareForMaintenance"):
+        enter(libvirt)
+
+
+def test_parse_peers_splits_strips_and_drops_repeats():
+    assert host_maintenance.parse_peers(" kvm2, kvm3,,kvm2 ") == ["kvm2", "kvm3"]
+    assert host_maintenance.parse_peers(None) == []
+    with pytest.raises(MigrationError, match="not a host name"):
+        host_maintenance.parse_peers("kvm2,kvm3/x")
+
+
+def test_libvirt_migrates_as_kvmhook_migrate_and_asks_peers_over_tls(monkeypatch):
+    """The real seam: the migration is kvmhook migrate's TLS plan with its secured checks;
+    a peer's free memory is asked over its qemu+tls URI."""
+    calls = []
+    monkeypatch.setattr(migration, "migrate", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(virt, "free_memory", lambda uri: calls.append(uri) or 5)
+    progress = migration.Progress(sys.stdout, tty=False)
+    libvirt = host_maintenance.Libvirt("qemu:///system", progress)
+    assert libvirt.free_memory("kvm2") == 5
+    libvirt.migrate("vm1", "kvm2", 30.0)
+    assert calls[0] == "qemu+tls://kvm2/system"
+    assert calls[1] == (
+        ("vm1", migration.make_plan("kvm2"), progress),
+        {
+            "source_uri": "qemu:///system",
+            "timeout": 30.0,
+            "local_check": migration.local_tls_problem,
+            "dest_check": migration.dest_tls_problem,
+        },
+    )
+
+
+def test_free_memory_and_running_guests_from_the_test_driver():
+    """virt.free_memory reads libvirt's figure; an unreachable libvirt is a VirtError."""
+    assert virt.free_memory("test:///default") > 0
+    guests = host_maintenance.Libvirt("test:///default", None).running_guests()
+    assert [g.name for g in guests] == ["test"]
+    with pytest.raises(
+        VirtError, match=re.escape("cannot connect to qemu+tls://127.0.0.1:1/system")
+    ):
+        virt.free_memory("qemu+tls://127.0.0.1:1/system")
+
+
+# --- with a controller --------------------------------------------------------------------
+
+
+def enter_controller(controller, libvirt=None, wait=False, timeout=None, lines=None):
+    report = lines.append if lines is not None else (lambda _line: None)
+    return host_maintenance.enter_with_controller(
+        controller, libvirt or FakeLibvirt(), wait, timeout, report
+    )
+
+
+def test_controller_enter_asks_and_records_the_state_for_the_hook(root):
+    """Without --wait: the controller is asked once, its state recorded, the hook refuses."""
+    controller = FakeController(states=[PREPARE])
+    assert enter_controller(controller) == PREPARE
+    assert controller.calls == [("prepare_maintenance", 600.0), ("resource_state", None)]
+    assert hoststate.read() == (PREPARE, "")
+    assert hoststate.refuses_new_guests()
+
+
+def test_controller_wait_follows_to_maintenance_showing_guests_left(root):
+    """--wait polls until Maintenance, a line each time the state or the guest count changes."""
+    controller = FakeController(states=[PREPARE, PREPARE, PREPARE, MAINTENANCE])
+    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")])
+    counts = iter([[guest("vm1"), guest("vm2")], [guest("vm2")], [guest("vm2")]])
+    libvirt.running_guests = lambda: next(counts)
+    lines: list[str] = []
+    assert enter_controller(controller, libvirt, wait=True, timeout=30, lines=lines) == MAINTENANCE
+    assert lines == [f"{PREPARE}: guests left: 2", f"{PREPARE}: guests left: 1"]
+    assert hoststate.read() == (MAINTENANCE, "")
+    assert controller.calls[0] == ("prepare_maintenance", 30)
+
+
+@pytest.mark.parametrize("error_state", [ERROR_IN_PREPARE, ERROR_IN_MAINTENANCE])
+def test_controller_error_states_are_reported_and_recorded(root, error_state):
+    controller = FakeController(states=[PREPARE, error_state])
+    with pytest.raises(MaintenanceFailedError, match=f"the controller reports {error_state}"):
+        enter_controller(controller, wait=True)
+    assert hoststate.read() == (error_state, "")
+
+
+def test_controller_wait_times_out_and_the_host_keeps_preparing(root):
+    controller = FakeController(states=[PREPARE])
+    with pytest.raises(MaintenanceAbortedError, match="--timeout reached: the host is still in"):
+        enter_controller(controller, FakeLibvirt(guests=VirtError("down")), wait=True, timeout=0.05)
+    assert hoststate.read() == (PREPARE, "")
+
+
+def test_controller_cancel_during_the_wait_is_reported(root):
+    controller = FakeController(states=[PREPARE, ENABLED])
+    with pytest.raises(DrainCancelledError, match="the controller reports Enabled"):
+        enter_controller(controller, wait=True)
+    assert hoststate.read() == (ENABLED, "")
+
+
+def test_controller_cancel_asks_and_records_enabled(root):
+    hoststate.write(MAINTENANCE)
+    controller = FakeController(states=[ENABLED])
+    assert host_maintenance.cancel_with_controller(controller) == ENABLED
+    assert controller.calls[0][0] == "cancel_maintenance"
+    assert hoststate.read() == (ENABLED, "")
+
+
+def test_controller_states_are_recorded_as_they_are_outside_the_table(root):
+    """The controller is the authority: Enabled -> Maintenance (not in the table) is recorded;
+    a state outside the five is recorded as Enabled with the controller's word."""
+    host_maintenance.follow(FakeController(states=[MAINTENANCE]))
+    assert hoststate.read() == (MAINTENANCE, "")
+    host_maintenance.follow(FakeController(states=["Disabled"]))
+    assert hoststate.read() == (ENABLED, "controller reports Disabled")
+
+
+def test_no_controller_conf_means_standalone(root):
+    """The real loader: no controller.conf under the root, no controller."""
+    assert host_maintenance.load_controller() is None
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "guests", "removable"),
+    [
+        (MAINTENANCE, [], True),
+        (MAINTENANCE, [guest("vm1")], False),
+        (PREPARE, [], False),
+        (ERROR_IN_MAINTENANCE, [], False),
+        (ENABLED, [], False),
+    ],
+)
+def test_removable_only_in_maintenance_with_no_guest(root, state, guests, removable):
+    hoststate.write(state)
+    found = host_maintenance.status(None, FakeLibvirt(guests=guests))
+    assert found.removable is removable
+    assert found.advice().startswith("yes: stop the agent service" if removable else "no: ")
+
+
+def test_status_without_libvirt_cannot_say_removable(root):
+    hoststate.write(MAINTENANCE)
+    found = host_maintenance.status(None, FakeLibvirt(guests=VirtError("cannot connect")))
+    assert not found.removable
+    assert found.advice() == "no: cannot tell whether guests run here (cannot connect)"
+
+
+def test_status_with_a_controller_shows_and_records_its_state(root):
+    found = host_maintenance.status(FakeController(states=[MAINTENANCE]), FakeLibvirt())
+    assert (found.mode, found.state, found.controller_host) == ("controller", MAINTENANCE, "kvm1")
+    assert found.removable
+    assert hoststate.read() == (MAINTENANCE, "")
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def runner() -> CliRunner:
+    """A CliRunner keeping stderr apart (click < 8.2 mixes it in unless told; 8.2 has no option)."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+@pytest.fixture
+def wired(monkeypatch):
+    """The command with a FakeLibvirt and no controller (standalone); set .controller."""
+
+    class Wiring:
+        libvirt = FakeLibvirt(free={"kvm2": 8 * GIB})
+        controller = None
+
+    monkeypatch.setattr(host_maintenance, "Libvirt", lambda uri, progress: Wiring.libvirt)
+    monkeypatch.setattr(host_maintenance, "load_controller", lambda: Wiring.controller)
+    return Wiring
+
+
+def invoke(*args: str):
+    return runner().invoke(maintenance_command, list(args), catch_exceptions=False)
+
+
+def test_cli_enter_exit_0_in_maintenance(root, wired):
+    wired.libvirt.guests = [guest("vm1")]
+    result = invoke("enter", "--to", "kvm2")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "Maintenance: 1 guest(s) moved off this host"
+    assert hoststate.read()[0] == MAINTENANCE
+
+
+def test_cli_enter_exit_1_when_a_guest_cannot_move(root, wired):
+    wired.libvirt.guests = [guest("vm1")]
+    wired.libvirt.failures = {"vm1": VirtError("boom")}
+    result = invoke("enter", "--to", "kvm2")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: 1 guest(s) not moved, the host is in {ERROR_IN_PREPARE}: vm1: boom\n"
+    )
+
+
+@pytest.mark.parametrize("args", [["enter"], ["enter", "--to", "kvm2/x"], ["enter", "--to"]])
+def test_cli_enter_exit_2_for_usage_errors(root, wired, args):
+    """No --to while guests run, a bad host, a missing value: usage errors; nothing changed."""
+    wired.libvirt.guests = [guest("vm1")]
+    assert invoke(*args).exit_code == 2
+    assert not state_file(root).exists()
+
+
+def test_cli_enter_exit_3_when_illegal(root, wired):
+    hoststate.write(MAINTENANCE)
+    result = invoke("enter")
+    assert result.exit_code == 3
+    assert result.stderr == (
+        "Error: illegal transition Maintenance -> PrepareForMaintenance:"
+        " a host in Maintenance may go only to Enabled\n"
+    )
+
+
+def test_cli_enter_exit_4_when_aborted(root, wired):
+    wired.libvirt.guests = [guest("vm1")]
+    wired.libvirt.failures = {"vm1": MigrationAbortedError("timed out after 1 s")}
+    result = invoke("enter", "--to", "kvm2", "--timeout", "1")
+    assert result.exit_code == 4
+    assert hoststate.read()[0] == ERROR_IN_PREPARE
+
+
+def test_cli_cancel_exit_0_then_3(root, wired):
+    hoststate.write(ERROR_IN_PREPARE, "vm1: boom")
+    result = invoke("cancel")
+    assert result.exit_code == 0
+    assert result.stdout == f"{ERROR_IN_PREPARE} -> Enabled: this host accepts guests again\n"
+    assert invoke("cancel").exit_code == 3
+
+
+def test_cli_status_text_and_json(root, wired):
+    hoststate.write(MAINTENANCE)
+    result = invoke("status")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "state      Maintenance",
+        "reason     -",
+        "mode       standalone",
+        "guests     0 running",
+        "removable  yes: stop the agent service (cloudstack-agent) first, then remove or"
+        " re-install the host",
+    ]
+    shown = json.loads(invoke("status", "--json").stdout)
+    assert shown == {
+        "mode": "standalone",
+        "state": MAINTENANCE,
+        "reason": "",
+        "controller_host": None,
+        "guests": [],
+        "guests_error": None,
+        "removable": True,
+        "advice": "yes: stop the agent service (cloudstack-agent) first, then remove or"
+        " re-install the host",
+    }
+
+
+def test_cli_with_a_controller_enter_wait_and_cancel(root, wired):
+    wired.controller = FakeController(states=[PREPARE, PREPARE, MAINTENANCE, ENABLED])
+    result = invoke("enter", "--wait")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{PREPARE}: guests left: 0",
+        f"the controller has the host in {MAINTENANCE}",
+    ]
+    result = invoke("cancel")
+    assert (result.exit_code, result.stdout) == (0, "the controller has the host in Enabled\n")
+    assert hoststate.read() == (ENABLED, "")
+
+
+def test_cli_with_a_controller_refuses_to(root, wired):
+    wired.controller = FakeController()
+    assert invoke("enter", "--to", "kvm2").exit_code == 2
+    assert wired.controller.calls == []
+
+
+@pytest.mark.parametrize("command", ["enter", "cancel", "status"])
+def test_cli_exit_1_when_the_controller_fails(root, wired, command):
+    wired.controller = FakeController(error=ControllerError("no management server answered"))
+    result = invoke(command)
+    assert result.exit_code == 1
+    assert result.stderr == "Error: no management server answered\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ("enter", ["0  in Maintenance", "1  failed", "2  usage", "3  refused", "4  aborted"]),
+        ("cancel", ["0  cancelled", "1  failed", "3  refused"]),
+        ("status", ["0  shown", "1  failed"]),
+    ],
+)
+def test_cli_help_documents_the_exit_codes(command, codes):
+    result = runner().invoke(maintenance_command, [command, "--help"])
+    for line in codes:
+        assert line in result.stdout
