@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from kvmhook.cli.options import connect_option
 from kvmhook.errors import FactorError, KvmhookError
 
 GIB = 2**30
@@ -50,15 +51,10 @@ def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     metavar="F",
     help="Memory over-provisioning factor.",
 )
-@click.option(
-    "--connect",
-    "uri",
-    envvar="KVMHOOK_LIBVIRT_URI",
-    default="qemu:///system",
-    show_default=True,
-    help="libvirt URI of this host (or KVMHOOK_LIBVIRT_URI).",
-)
-def capacity(as_json: bool, cpu_factor: float | None, mem_factor: float | None, uri: str) -> None:
+@connect_option
+def capacity(
+    as_json: bool, cpu_factor: float | None, mem_factor: float | None, source_uri: str
+) -> None:
     """Show this host's CPU (cores, MHz, cores x MHz) and memory: physical,
     after over-provisioning (physical x factor), used by the running guests
     (their vCPUs and maximum memory, read from libvirt) and free."""
@@ -66,7 +62,7 @@ def capacity(as_json: bool, cpu_factor: float | None, mem_factor: float | None, 
     from kvmhook import capacity as core
 
     try:
-        result = core.report(uri, cpu_factor, mem_factor, controller=core.controller_ratios)
+        result = core.report(source_uri, cpu_factor, mem_factor, controller=core.controller_ratios)
     except KvmhookError as error:
         raise click.ClickException(str(error)) from None
     for warning in result.factors.warnings:

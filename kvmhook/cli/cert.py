@@ -7,14 +7,8 @@ import json
 import click
 
 from kvmhook import certificates, paths, pki
+from kvmhook.cli.options import agent_dir_option
 from kvmhook.errors import KvmhookError
-
-_agent_dir_option = click.option(
-    "--agent-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="The agent's directory (default <root>/etc/cloudstack/agent).",
-)
 
 
 @click.group()
@@ -25,7 +19,7 @@ def cert() -> None:
 @cert.command(
     epilog="Example, from monitoring: kvmhook cert status --warn-days 21 || alert",
 )
-@_agent_dir_option
+@agent_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option(
     "--warn-days",
@@ -71,7 +65,7 @@ def _yes_no(value: bool | None) -> str:
 @cert.command(
     epilog="Example: kvmhook cert renew --signer 'ssh ca.example.org sign-host-csr'",
 )
-@_agent_dir_option
+@agent_dir_option
 @click.option(
     "--signer",
     required=True,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from kvmhook.cli.options import connect_option
 from kvmhook.errors import (
     IllegalTransitionError,
     KvmhookError,
@@ -50,15 +51,6 @@ Exit codes:
 \b
 Example, before re-installing: kvmhook maintenance status --json | jq -e .removable"""
 
-_connect_option = click.option(
-    "--connect",
-    "source_uri",
-    envvar="KVMHOOK_LIBVIRT_URI",
-    default="qemu:///system",
-    show_default=True,
-    help="libvirt URI of this host (or KVMHOOK_LIBVIRT_URI).",
-)
-
 
 @click.group()
 def maintenance() -> None:
@@ -86,7 +78,7 @@ def maintenance() -> None:
     metavar="S",
     help="Give up after S seconds (standalone: the migration under way is aborted).",
 )
-@_connect_option
+@connect_option
 def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> None:
     """Put this host in maintenance.
 
@@ -144,7 +136,7 @@ def cancel() -> None:
 
 @maintenance.command(epilog=_STATUS_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@_connect_option
+@connect_option
 def status(as_json: bool, source_uri: str) -> None:
     """Show the maintenance state (the controller's, when there is one), why,
     the guests running here, and whether the host may now be removed or

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from kvmhook.cli.options import connect_option
 from kvmhook.errors import KvmhookError, MigrationAbortedError, MigrationError, NotSecuredError
 
 EXIT_FAILED = 1
@@ -45,14 +46,7 @@ Example: kvmhook migrate vm1 kvm2.example.org --bandwidth 500 --timeout 900"""
     is_flag=True,
     help="Skip the secured checks and migrate over qemu+tcp: memory in clear text.",
 )
-@click.option(
-    "--connect",
-    "source_uri",
-    envvar="KVMHOOK_LIBVIRT_URI",
-    default="qemu:///system",
-    show_default=True,
-    help="libvirt URI of this host (or KVMHOOK_LIBVIRT_URI).",
-)
+@connect_option
 def migrate(
     domain: str,
     dest_host: str,

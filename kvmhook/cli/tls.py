@@ -9,6 +9,7 @@ import click
 
 from kvmhook import startup
 from kvmhook import tls as core
+from kvmhook.cli.options import agent_dir_option
 from kvmhook.errors import KvmhookError
 
 _restart_option = click.option(
@@ -25,12 +26,7 @@ def tls() -> None:
 
 
 @tls.command(epilog="Example, before migrating: kvmhook tls status || kvmhook tls enable --restart")
-@click.option(
-    "--agent-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="The agent's directory (default <root>/etc/cloudstack/agent).",
-)
+@agent_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the items as JSON.")
 def status(agent_dir: str | None, as_json: bool) -> None:
     """Check whether this host is secured.
