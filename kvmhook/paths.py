@@ -107,3 +107,9 @@ def kvmhook_conf() -> str:
 def controller_conf() -> str:
     """The controller client's settings: its endpoints, API key and secret (so mode 0600)."""
     return under_root("/etc/kvmhook/controller.conf")
+
+
+def qemu_status_dir() -> str:
+    """The QEMU driver's runtime state: `<name>.xml` for each running guest, written by libvirtd
+    (or virtqemud); the admission check reads it, since the hook cannot ask libvirt."""
+    return under_root("/run/libvirt/qemu")

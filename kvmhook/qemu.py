@@ -3,7 +3,8 @@
 libvirtd runs this on every guest lifecycle event and waits for it, so it
 exits 0 whatever happens: an unknown operation, a failing or hanging custom
 script, an unwritable log, even a bug here must never block a guest. The one
-exception is the operator's: a host in maintenance refuses arriving guests. It
+exception is the operator's: a host in maintenance refuses arriving guests, and
+with admission control on (kvmhook.conf) so does a full host. It
 writes nothing on stdout, where libvirt expects new domain XML for migrate
 and restore. Imports are kept to the few the run needs: every millisecond
 here is paid on every guest start.
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
     """Run the hook for `argv` (default: the command line); returns its exit status.
 
-    0 in every case but one: while the host is in maintenance (see
-    hoststate), `prepare` and `migrate` return 1, so libvirt refuses the guest.
+    0 in every case but two: while the host is in maintenance (see
+    hoststate), `prepare` and `migrate` return 1, so libvirt refuses the guest;
+    with admission control on, `prepare` returns 1 for a guest that does not fit
+    (see admission).
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
     may run. KVMHOOK_TIMEOUT overrides it.
@@ -60,8 +63,33 @@ def _run(args: list[str], timeout: "float | None", log: HookLog) -> int:
     if event.operation in _ARRIVALS and _refused_for_maintenance(log):
         return 1
     stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
+    # Admission control is opt-in in kvmhook.conf: a host without the file pays one stat.
+    if event.operation == "prepare" and os.path.exists(paths.kvmhook_conf()):
+        return _admit(event, log, timeout, stdin_fd)
     dispatch.run_hook(event, log, timeout, stdin_fd)
     return 0
+
+
+def _admit(
+    event: dispatch.Event, log: HookLog, timeout: "float | None", stdin_fd: "int | None"
+) -> int:
+    """`prepare` with admission control: a guest that does not fit is refused (exit 1, the
+    numbers on stderr) before any script runs; otherwise the scripts run on the XML read once."""
+    from kvmhook import admission
+
+    outcome = admission.check(event.domain, stdin_fd, log)
+    try:
+        if outcome.refusal is not None:
+            log.record("-", f"refused: {outcome.refusal}; no scripts run")
+            try:
+                sys.stderr.write(outcome.refusal + "\n")
+            except (OSError, ValueError):
+                pass
+            return 1
+        dispatch.run_hook(event, log, timeout, outcome.stdin_fd)
+        return 0
+    finally:
+        outcome.close()
 
 
 def _refused_for_maintenance(log: HookLog) -> bool:

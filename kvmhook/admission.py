@@ -1,0 +1,291 @@
+"""Admission control: `prepare` refuses a guest that would push the host past its capacity.
+
+Off unless `/etc/kvmhook/kvmhook.conf` says so (any value but `enforce` is off;
+one other than `off` is logged as a `config:` record):
+
+    [capacity]
+    admission = enforce
+    cpu_factor = 2
+    mem_factor = 1
+
+Capacity is `kvmhook capacity`'s: logical CPUs x cpu_factor against vCPUs,
+physical memory x mem_factor against the guests' maximum memory (`<memory>`,
+not the balloon's `<currentMemory>`), each factor 1 when unset. The factors
+come from kvmhook.conf only: the hook runs while libvirtd waits for it and
+must not wait on a controller over the network, so a host whose factors are
+set per cluster in the controller needs the same figures in kvmhook.conf.
+
+Where the running guests come from. The hook must not ask libvirt (libvirtd
+is waiting for it: a call back deadlocks), so it reads what libvirt itself
+keeps on disk: the QEMU driver's status files, `/run/libvirt/qemu/<name>.xml`
+(`<domstatus><domain>...</domain>...</domstatus>`), one per running guest,
+written by libvirtd (virtqemud with modular daemons) when the guest starts,
+kept up to date while it runs (vCPU and memory hot-plug included) and removed
+when it stops; libvirtd reads them back to reconnect after a restart. They
+are the truth libvirt acts on, cost nothing to keep, and go away with a
+reboot as the guests do. The arriving guest's own file (left by a crash, or
+written early during its start) is skipped by name, so it is not counted
+twice.
+
+The alternative, a ledger the hook keeps itself (add on `prepare`, remove on
+`release`), was not chosen: it drifts from the truth whenever a hook call is
+missed (the package installed while guests run, a hook that failed or was
+killed, libvirtd restarted without a `release`, a guest resized by
+`virsh setvcpus`/`attach-device`), and a wrong ledger refuses guests for
+capacity that is in fact free. It would also need locking and cleanup of its
+own. Its one advantage, independence from libvirt's file layout, matters
+less: the layout has been the same for a decade, and a file this module
+cannot read is skipped (logged), never a reason to refuse.
+
+Limits: hooks of different guests run concurrently, and a guest's status
+file appears only once its start is under way, so two guests starting at the
+same moment can both be admitted. This is a guard against over-committing by
+mistake, not a reservation system.
+
+A broken kvmhook.conf, an unreadable XML or any error here never blocks a
+guest: it is logged and the guest is admitted. Standard library only;
+xml.etree is imported only when admission is enforced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from kvmhook import paths
+
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
+
+    from kvmhook.hooklog import HookLog
+
+ENFORCE = "enforce"
+OFF = "off"
+MIB = 1024 * 1024
+# libvirt's memory units (docs: formatdomain "Memory Allocation"), in bytes.
+_UNITS = {
+    "b": 1,
+    "bytes": 1,
+    "kb": 10**3,
+    "k": 2**10,
+    "kib": 2**10,
+    "mb": 10**6,
+    "m": 2**20,
+    "mib": 2**20,
+    "gb": 10**9,
+    "g": 2**30,
+    "gib": 2**30,
+    "tb": 10**12,
+    "t": 2**40,
+    "tib": 2**40,
+    "pb": 10**15,
+    "p": 2**50,
+    "pib": 2**50,
+    "eb": 10**18,
+    "e": 2**60,
+    "eib": 2**60,
+}
+
+
+class Admission:
+    """The outcome of the check: the refusal, if any, and the domain XML to replay.
+
+    `stdin_fd` is where the custom scripts' copy of the XML now comes from (a
+    memory file holding what was read from the hook's stdin, or the original
+    fd when nothing was read); the caller closes it with `close()`.
+    """
+
+    __slots__ = ("_owned", "refusal", "stdin_fd")
+
+    def __init__(self, refusal: str | None, stdin_fd: int | None, owned: bool) -> None:
+        self.refusal = refusal
+        self.stdin_fd = stdin_fd
+        self._owned = owned
+
+    def close(self) -> None:
+        if self._owned and self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+
+
+def check(domain: str, stdin_fd: int | None, log: HookLog) -> Admission:
+    """Whether `domain`, arriving with its XML on `stdin_fd`, fits; never raises.
+
+    Call only when kvmhook.conf exists: the hook pays no more than that stat
+    on hosts without one.
+    """
+    try:
+        factors = _enforced_factors(log)
+    except Exception as error:  # whatever is wrong with the file, guests still start
+        log.record("-", f"config: {error}; admission control off")
+        return Admission(None, stdin_fd, owned=False)
+    if factors is None:
+        return Admission(None, stdin_fd, owned=False)
+    if stdin_fd is None:
+        log.record("-", f"admission: no domain XML for {domain} on stdin; admitted unchecked")
+        return Admission(None, None, owned=False)
+    try:
+        xml, replay_fd = _read_and_keep(stdin_fd)
+    except OSError as error:
+        log.record("-", f"admission: cannot read the domain XML: {error}; admitted unchecked")
+        return Admission(None, stdin_fd, owned=False)
+    try:
+        refusal = _refusal(domain, xml, factors, log)
+    except Exception as error:  # a bug or a strange XML must not block a guest
+        log.record("-", f"admission: cannot check {domain}: {error!r}; admitted unchecked")
+        refusal = None
+    return Admission(refusal, replay_fd, owned=True)
+
+
+def _enforced_factors(log: HookLog) -> tuple[float, float] | None:
+    """(cpu_factor, mem_factor) when `[capacity] admission = enforce`; else None.
+
+    Raises (ConfigError and the like) for a file that cannot be used.
+    """
+    try:
+        with open(paths.kvmhook_conf(), "rb") as source:
+            if not _may_enforce(source.read()):
+                return None  # off, without paying ~10 ms for importing configparser
+    except FileNotFoundError:
+        return None  # removed since the hook looked
+    from kvmhook import config
+
+    settings = config.load()
+    value = settings.get("capacity", "admission", fallback=OFF).strip()
+    if value.lower() != ENFORCE:
+        if value.lower() != OFF:
+            log.record(
+                "-",
+                f"config: {settings.path}: [capacity] admission = {value}: "
+                f"neither {ENFORCE} nor {OFF}; admission control off",
+            )
+        return None
+    factors = []
+    given = (
+        ("cpu_factor", config.cpu_factor(settings)),
+        ("mem_factor", config.mem_factor(settings)),
+    )
+    for option, factor in given:
+        if factor is not None and not (math.isfinite(factor) and factor > 0):
+            raise ValueError(
+                f"{settings.path}: [capacity] {option} must be above 0, not {factor:g}"
+            )
+        factors.append(1.0 if factor is None else factor)
+    return factors[0], factors[1]
+
+
+def _may_enforce(text: bytes) -> bool:
+    """Whether the file may turn admission on: it has an `admission` line not saying `off`.
+
+    A shortcut only: without such a line configparser would find the option
+    absent or `off` (comments start with `#` or `;`, never with the name), so
+    the file is parsed only when admission may be on or its value is to be logged.
+    """
+    for line in text.lower().splitlines():
+        rest = line.strip()
+        if not rest.startswith(b"admission"):
+            continue
+        rest = rest[len(b"admission") :].lstrip()
+        if rest[:1] in (b"=", b":") and rest[1:].strip() != OFF.encode():
+            return True
+    return False
+
+
+def _read_and_keep(fd: int) -> tuple[bytes, int]:
+    """All of `fd` (the hook's stdin, read once), and a memory file holding it, at offset 0."""
+    chunks = []
+    while True:
+        chunk = os.read(fd, 256 * 1024)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    keep = os.memfd_create("kvmhook-admission")
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(keep, view) :]
+        os.lseek(keep, 0, os.SEEK_SET)
+    except OSError:
+        os.close(keep)
+        raise
+    return data, keep
+
+
+def _refusal(domain: str, xml: bytes, factors: tuple[float, float], log: HookLog) -> str | None:
+    """The message refusing `domain`, or None when it fits."""
+    from xml.etree import ElementTree
+
+    vcpus, memory = size(ElementTree.fromstring(xml))
+    used_vcpus, used_memory = _running(domain, log)
+    cpu_factor, mem_factor = factors
+    cores = os.cpu_count() or 0
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu_capacity = cores * cpu_factor
+    # Whole bytes, rounded down, as `kvmhook capacity` counts them.
+    mem_capacity = math.floor(physical * mem_factor)
+    if used_vcpus + vcpus <= cpu_capacity and used_memory + memory <= mem_capacity:
+        return None
+    return (
+        f"admission: guest {domain} needs {_vcpus(vcpus)} and {_mib(memory)} MiB;"
+        f" this host has {_vcpus(cpu_capacity - used_vcpus)} and"
+        f" {_mib(mem_capacity - used_memory)} MiB free"
+        f" of {_vcpus(cpu_capacity)} and {_mib(mem_capacity)} MiB"
+        f" (cpu factor {cpu_factor:g}, memory factor {mem_factor:g})"
+    )
+
+
+def size(domain: Element) -> tuple[int, int]:
+    """(vCPUs, memory in bytes) of a `<domain>` element.
+
+    vCPUs: `<vcpu current=N>` when set (the ones the guest has now), else
+    `<vcpu>`'s count, 1 without one (libvirt's default). Memory: `<memory>`,
+    the guest's maximum, in its unit (KiB by default).
+    """
+    vcpu = domain.find("vcpu")
+    vcpus = 1
+    if vcpu is not None:
+        vcpus = int(vcpu.get("current") or (vcpu.text or "1").strip())
+    memory = domain.find("memory")
+    if memory is None or not (memory.text or "").strip():
+        raise ValueError("no <memory> in the domain XML")
+    unit = _UNITS[(memory.get("unit") or "KiB").lower()]
+    return vcpus, int(memory.text.strip()) * unit
+
+
+def _running(arriving: str, log: HookLog) -> tuple[int, int]:
+    """(vCPUs, memory bytes) held by the running guests but `arriving`, from their status files."""
+    from xml.etree import ElementTree
+
+    directory = paths.qemu_status_dir()
+    try:
+        entries = [entry for entry in os.scandir(directory) if entry.name.endswith(".xml")]
+    except FileNotFoundError:
+        return 0, 0  # libvirtd has no guest running (or never ran)
+    vcpus = memory = 0
+    for entry in entries:
+        if entry.name == arriving + ".xml" or not entry.is_file():
+            continue
+        try:
+            root = ElementTree.parse(entry.path).getroot()
+            domain = root.find("domain") if root.tag == "domstatus" else None
+            if domain is None:
+                raise ValueError("not a libvirt <domstatus> file")
+            if domain.findtext("name") == arriving:
+                continue
+            guest_vcpus, guest_memory = size(domain)
+        except (OSError, ValueError, KeyError, ElementTree.ParseError) as error:
+            log.record("-", f"admission: {entry.path} not counted: {error}")
+            continue
+        vcpus += guest_vcpus
+        memory += guest_memory
+    return vcpus, memory
+
+
+def _vcpus(count: float) -> str:
+    return f"{count:g} vCPU" + ("" if count == 1 else "s")
+
+
+def _mib(count: int) -> str:
+    """Bytes as MiB: whole when they are, else two decimals."""
+    return str(count // MIB) if count % MIB == 0 else f"{count / MIB:.2f}"
