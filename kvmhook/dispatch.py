@@ -10,7 +10,6 @@ import os
 import stat
 
 from kvmhook import paths
-from kvmhook.errors import CustomDirError
 from kvmhook.hooklog import HookLog, output_lines, quote
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
@@ -130,9 +129,9 @@ def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored
         real, reason = _resolve(directory, "custom dir")
         entries = list(os.scandir(real)) if reason is None else []
     except OSError as error:
-        raise CustomDirError(f"custom dir {directory}: {error.strerror or error}") from None
+        raise _custom_dir_error()(f"custom dir {directory}: {error.strerror or error}") from None
     if reason is not None:
-        raise CustomDirError(f"refused custom dir {directory}: {reason}")
+        raise _custom_dir_error()(f"refused custom dir {directory}: {reason}")
     scripts: list[tuple[bytes, bytes, Script]] = []
     ignored: list[Ignored] = []
     for entry in entries:
@@ -145,6 +144,14 @@ def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored
     scripts.sort(key=lambda item: item[:2])
     ignored.sort(key=lambda item: os.fsencode(item.name))
     return [script for _, _, script in scripts], ignored
+
+
+def _custom_dir_error() -> "type[Exception]":
+    """kvmhook.errors.CustomDirError, imported only when needed: that module holds every
+    exception of the project, and the hook would pay for all of them on every call."""
+    from kvmhook.errors import CustomDirError
+
+    return CustomDirError
 
 
 def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
@@ -282,7 +289,7 @@ def run_hook(
     directory = paths.custom_dir()
     try:
         scripts, ignored = discover(directory, event.operation)
-    except CustomDirError as error:
+    except _custom_dir_error() as error:  # evaluated only when something was raised
         log.record("-", f"no scripts run: {error}")
         return []
     for item in ignored:
