@@ -1,9 +1,11 @@
 """Which custom scripts run for a hook call, in what order, and their log.
 
-Scripts live in the custom dir, named `<operation>_<name>` or `all_<name>`.
-They run ordered by `<name>` as bytes, ties broken by the full file name,
-so the order is the same on every machine and in every locale. Running a
-child is `process`'s job; the record format is `hooklog`'s.
+Scripts live in the custom dir, named `<operation>_<name>` or `all_<name>`,
+and in its per-guest subdirectory `<domain-name>/`, which runs only for that
+guest. They run ordered by `<name>` as bytes, ties broken by the full file
+name, then the global script before the guest's, so the order is the same on
+every machine and in every locale. Running a child is `process`'s job; the
+record format is `hooklog`'s.
 """
 
 import os
@@ -120,10 +122,16 @@ class Run:
         return outcome is None or outcome.timed_out or outcome.status != 0
 
 
-def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored]]:
+def discover(
+    directory: str, operation: str, domain: "str | None" = None
+) -> tuple[list[Script], list[Ignored]]:
     """The scripts that run for `operation`, in order, and every file that does not.
 
-    Raises CustomDirError when the directory is missing, unreadable or unsafe.
+    With `domain`, the scripts of `<directory>/<domain>/` (matched exactly) are
+    merged in; their names are `<domain>/<file>`. A per-guest dir that is
+    unsafe or unreadable is reported as a notable Ignored entry named `<domain>`
+    and only its scripts are skipped. Raises CustomDirError when the custom dir
+    itself is missing, unreadable or unsafe.
     """
     try:
         real, reason = _resolve(directory, "custom dir")
@@ -132,18 +140,54 @@ def discover(directory: str, operation: str) -> tuple[list[Script], list[Ignored
         raise _custom_dir_error()(f"custom dir {directory}: {error.strerror or error}") from None
     if reason is not None:
         raise _custom_dir_error()(f"refused custom dir {directory}: {reason}")
-    scripts: list[tuple[bytes, bytes, Script]] = []
+    # A name that could leave the custom dir matches nothing; scandir never yields one anyway.
+    tricky = not domain or domain in (".", "..") or "/" in domain or "\0" in domain
+    guest = None if tricky else domain
+    scripts: list[tuple[bytes, bytes, int, Script]] = []
     ignored: list[Ignored] = []
     for entry in entries:
-        found = _classify(entry, operation)
+        if entry.name == guest and entry.is_dir():
+            found = _guest_scripts(entry, operation, scripts, ignored)
+        else:
+            found = _classify(entry, operation)
         if isinstance(found, Script):
             rest = entry.name.partition("_")[2]
-            scripts.append((os.fsencode(rest), os.fsencode(entry.name), found))
+            scripts.append((os.fsencode(rest), os.fsencode(entry.name), 0, found))
         else:
             ignored.append(found)
-    scripts.sort(key=lambda item: item[:2])
+    scripts.sort(key=lambda item: item[:3])
     ignored.sort(key=lambda item: os.fsencode(item.name))
-    return [script for _, _, script in scripts], ignored
+    return [item[3] for item in scripts], ignored
+
+
+def _guest_scripts(
+    entry: os.DirEntry,
+    operation: str,
+    scripts: "list[tuple[bytes, bytes, int, Script]]",
+    ignored: list[Ignored],
+) -> Ignored:
+    """Add the per-guest dir `entry`'s scripts (key rank 1: after a global of the same
+    name) and ignored files; return the dir's own entry, notable when it is refused."""
+    name = entry.name
+    try:
+        if entry.is_symlink():
+            real, reason = _resolve(entry.path, "per-guest dir")
+        else:  # the custom dir above it is already checked
+            real = entry.path
+            reason = _unsafe(entry.stat(follow_symlinks=False), f"per-guest dir {real}", False)
+        children = list(os.scandir(real)) if reason is None else []
+    except OSError as error:
+        reason = f"per-guest dir {entry.path}: {error.strerror or error}"
+    if reason is not None:
+        return Ignored(name, f"per-guest scripts of guest {name} not run: {reason}", True)
+    for child in children:
+        found = _classify(child, operation, name + "/")
+        if isinstance(found, Script):
+            rest = child.name.partition("_")[2]
+            scripts.append((os.fsencode(rest), os.fsencode(child.name), 1, found))
+        else:
+            ignored.append(found)
+    return Ignored(name, f"per-guest scripts of guest {name}", False)
 
 
 def _custom_dir_error() -> "type[Exception]":
@@ -154,10 +198,13 @@ def _custom_dir_error() -> "type[Exception]":
     return CustomDirError
 
 
-def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
-    name = entry.name
-    prefix, _, rest = name.partition("_")
+def _classify(entry: os.DirEntry, operation: str, guest: str = "") -> "Script | Ignored":
+    """`entry` of the custom dir, or of a per-guest dir when `guest` is `<domain>/`."""
+    prefix, _, rest = entry.name.partition("_")
+    name = guest + entry.name
     if not rest or prefix not in (operation, ALL):
+        if not guest and entry.is_dir():  # d_type: no system call for a plain entry
+            return Ignored(name, f"per-guest scripts of guest {name}", False)
         if rest and prefix in OPERATIONS:
             return Ignored(name, f"runs for {prefix} only", False)
         return Ignored(name, "name is not <operation>_<name> or all_<name>", False)
@@ -170,6 +217,8 @@ def _classify(entry: os.DirEntry, operation: str) -> "Script | Ignored":
     except OSError as error:
         return Ignored(name, f"cannot stat: {error.strerror}", True)
     if not stat.S_ISREG(st.st_mode):
+        if not guest and stat.S_ISDIR(st.st_mode):
+            return Ignored(name, f"per-guest scripts of guest {name}", False)
         return Ignored(name, "not a regular file", True)
     if not st.st_mode & 0o111:
         return Ignored(name, f"not executable (mode {stat.S_IMODE(st.st_mode):04o})", True)
@@ -288,7 +337,7 @@ def run_hook(
     settings = limits(timeout, lambda message: log.record("-", f"config: {message}"))
     directory = paths.custom_dir()
     try:
-        scripts, ignored = discover(directory, event.operation)
+        scripts, ignored = discover(directory, event.operation, event.domain)
     except _custom_dir_error() as error:  # evaluated only when something was raised
         log.record("-", f"no scripts run: {error}")
         return []

@@ -113,3 +113,8 @@ def qemu_status_dir() -> str:
     """The QEMU driver's runtime state: `<name>.xml` for each running guest, written by libvirtd
     (or virtqemud); the admission check reads it, since the hook cannot ask libvirt."""
     return under_root("/run/libvirt/qemu")
+
+
+def qemu_hook_dir() -> str:
+    """libvirt's own hook directory (libvirt >= 6.5 runs every executable in it per guest)."""
+    return under_root("/etc/libvirt/hooks/qemu.d")

@@ -106,7 +106,7 @@ def test_discover_never_runs_leftovers(custom, suffix):
 
 
 def test_discover_runs_regular_files_and_symlinks_to_them_only(custom):
-    """A symlink to a regular file runs; directory, fifo, socket and broken link are notable."""
+    """A link to a regular file runs; fifo, socket, broken link are notable; a dir is a guest's."""
     put(custom, "all_file")
     custom.create_file("/elsewhere/target", st_mode=stat.S_IFREG | 0o755)
     os.chmod("/elsewhere", 0o755)
@@ -118,7 +118,7 @@ def test_discover_runs_regular_files_and_symlinks_to_them_only(custom):
     scripts, ignored = dispatch.discover(CUSTOM, "start")
     assert names(scripts) == ["all_file", "all_link"]
     assert reasons(ignored) == {
-        "all_dir": ("not a regular file", True),
+        "all_dir": ("per-guest scripts of guest all_dir", False),
         "all_fifo": ("not a regular file", True),
         "all_sock": ("not a regular file", True),
         "all_broken": ("broken symbolic link", True),

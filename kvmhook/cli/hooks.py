@@ -21,14 +21,20 @@ def hooks() -> None:
     """Show and run the qemu hook's custom scripts (KVMHOOK_* variables apply)."""
 
 
-@hooks.command("list", epilog="Example: kvmhook hooks list start")
+@hooks.command("list", epilog="Example: kvmhook hooks list start --domain vm1")
 @_operation_argument
-def list_(operation: str) -> None:
+@click.option(
+    "--domain",
+    metavar="NAME",
+    help="Merge in the per-guest scripts of guest NAME (custom/NAME/), as the hook would.",
+)
+def list_(operation: str, domain: str | None) -> None:
     """Show, in order, the scripts that would run for OPERATION, and every file
     that would not, with the reason (like run-parts --test)."""
+    _warn_qemu_d()
     directory = paths.custom_dir()
     try:
-        scripts, ignored = dispatch.discover(directory, operation)
+        scripts, ignored = dispatch.discover(directory, operation, domain)
     except CustomDirError as error:
         click.echo(f"nothing runs: {error}")
         return
@@ -69,3 +75,71 @@ def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> Non
         raise click.ClickException(
             f"{len(failed)} of {len(runs)} scripts failed: {', '.join(failed)}"
         )
+
+
+def _warn_qemu_d() -> None:
+    """One line on stderr if libvirt's own qemu.d holds executables: they run for every guest."""
+    directory = paths.qemu_hook_dir()
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_file() and os.access(entry.path, os.X_OK)
+        )
+    except OSError:
+        return
+    if names:
+        click.echo(
+            f"warning: {directory} holds executables ({', '.join(names)}); "
+            "libvirt >= 6.5 runs them too, for every guest",
+            err=True,
+        )
+
+
+@hooks.command(
+    "log",
+    epilog="Example: kvmhook hooks log --domain vm1 --since 2h",
+)
+@click.option("--domain", metavar="NAME", help="Only runs for guest NAME.")
+@click.option(
+    "--operation", type=click.Choice(dispatch.OPERATIONS), help="Only runs for this operation."
+)
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="Only runs since TIME: 2026-11-24, '2026-11-24 13:00', or 10m / 2h / 3d ago.",
+)
+@click.option("--follow", "-f", is_flag=True, help="Keep reading the live log (Ctrl-C stops).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run, one per line.")
+def log(
+    domain: str | None, operation: str | None, since: str | None, follow: bool, as_json: bool
+) -> None:
+    """Show script runs from the hook's log and its rotated siblings (oldest first):
+    time, guest, operation, script, result and duration."""
+    import json
+
+    from kvmhook import hooklogview
+
+    try:
+        since_time = hooklogview.parse_since(since) if since else None
+    except ValueError:
+        raise click.BadParameter(
+            f"{since!r} is not a date/time or 10m/2h/3d", param_hint="--since"
+        ) from None
+    keep = hooklogview.Filter(domain, operation, since_time)
+    path = paths.log_file()
+    rows = hooklogview.follow(path, keep) if follow else hooklogview.runs(path, keep)
+    if not as_json:
+        click.echo(hooklogview.TABLE_HEADER)
+    try:
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(row.as_json(), ensure_ascii=False))
+            else:
+                click.echo(hooklogview.table_row(row))
+            if follow:
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except OSError as error:
+        raise click.ClickException(f"cannot read the log: {error}") from None
