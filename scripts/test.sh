@@ -8,7 +8,8 @@ cd "$REPO"
 # tests/e2e: a real libvirtd and QEMU, the tools that build the packages; keytool
 # and openssl check the keystore tools.
 need_debs libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
-    make dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+    make dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click \
+    python3-cryptography python3-cs python3-libvirt python3-psutil python3-requests \
     rpm logrotate default-jre-headless openssl
 
 "$VENV/bin/ruff" check .

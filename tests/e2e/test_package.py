@@ -170,3 +170,25 @@ def test_install_and_purge_reload_a_running_libvirtd(clean_host, debs, libvirtd,
         marker.unlink(missing_ok=True)
         run("virsh", "destroy", GUEST_PREFIX + name, check=False)
         run("virsh", "undefine", GUEST_PREFIX + name, check=False)
+
+
+def test_package_installs_man_pages_and_bash_completions(clean_host, debs):
+    """Each command has a gzipped section 1 man page and a bash completion that registers it."""
+    apt_install(debs[1])
+    for command in scripts_in_pyproject():
+        page = Path("/usr/share/man/man1", f"{command}.1.gz")
+        text = run("zcat", str(page)).stdout
+        assert ".SH NAME" in text and command.replace("-", "\\-") + " \\- " in text
+        completion = Path("/usr/share/bash-completion/completions", command)
+        registered = run("bash", "-c", f"source {completion} && complete -p {command}").stdout
+        assert f" {command}" in registered
+    kvmhook_page = run("zcat", "/usr/share/man/man1/kvmhook.1.gz").stdout
+    for subcommand in ("capacity", "cert renew", "hooks list", "maintenance enter", "tls status"):
+        assert f"kvmhook {subcommand}" in kvmhook_page, subcommand
+    completed = run(
+        "bash",
+        "-c",
+        "source /usr/share/bash-completion/completions/kvmhook; "
+        'COMP_WORDS=(kvmhook cert ""); COMP_CWORD=2; _kvmhook; echo "${COMPREPLY[*]}"',
+    ).stdout
+    assert completed.split() == ["renew", "status"]

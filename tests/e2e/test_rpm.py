@@ -140,6 +140,14 @@ def test_file_list_matches_the_deb(rpm_file):
     assert dist_info, "no kvmhook-*.dist-info directory"
 
 
+def test_file_list_has_man_pages_and_bash_completions(rpm_file):
+    """The rpm holds a section 1 man page and a bash completion for each console script."""
+    listing = query(rpm_file, "-l").splitlines()
+    for command in console_scripts():
+        assert any(re.fullmatch(rf"/usr/share/man/man1/{command}\.1(\.gz)?", p) for p in listing)
+        assert f"/usr/share/bash-completion/completions/{command}" in listing, command
+
+
 def test_launcher_and_logrotate_are_config_noreplace_and_custom_dir_is_root_0755(rpm_file):
     """Launcher and logrotate policy are %config(noreplace); the custom dir is root:root 0755."""
     table = files(rpm_file)
