@@ -1,6 +1,7 @@
 """Reading the hook's log back: script runs from its records, across rotated files.
 
-`hooklog` owns the format (and `hooklog.parse`); this module joins a script's
+`hooklog` writes the format; `parse()` here reads it back (kept out of
+`hooklog`, which the hook imports on every call). This module joins a script's
 `start:` record with its `end:` record into one run, reads logrotate's
 siblings oldest first, filters, and follows the live file.
 """
@@ -15,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Callable
 
-from kvmhook.hooklog import Record, clean, parse
+from kvmhook.hooklog import clean
 
 _END = re.compile(
     r"(?P<timeout>timed out after [^,]*, process group stopped; )?"
@@ -24,6 +25,88 @@ _END = re.compile(
 )
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Record:
+    """One parsed log record; field values unquoted, `text` as written (escapes kept)."""
+
+    __slots__ = ("domain", "operation", "pid", "script", "subop", "text", "time")
+
+    def __init__(
+        self,
+        time: str,
+        pid: int,
+        domain: str,
+        operation: str,
+        subop: str,
+        script: str,
+        text: str,
+    ) -> None:
+        self.time = time  # "2026-11-24 13:45:01.123 +0000", as written
+        self.pid = pid
+        self.domain = domain
+        self.operation = operation
+        self.subop = subop
+        self.script = script
+        self.text = text
+
+    @property
+    def kind(self) -> str:
+        """The record's kind (`start`, `end`, `stdout`, `refused`, ...), or "" when it has none."""
+        head, sep, _ = self.text.partition(": ")
+        return head if sep and head.isalpha() and head.islower() else ""
+
+    @property
+    def body(self) -> str:
+        """`text` without its `kind: ` prefix."""
+        kind = self.kind
+        return self.text[len(kind) + 2 :] if kind else self.text
+
+    def __repr__(self) -> str:
+        return f"Record({self.time!r}, {self.pid}, {self.domain!r}, {self.script!r}, {self.text!r})"
+
+
+_VALUE = r'("(?:[^"\\]|\\.)*"|[^ "]+)'
+_RECORD = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4}) pid=(\d+)"
+    rf" domain={_VALUE} op={_VALUE} subop={_VALUE} script={_VALUE} (.*)",
+    re.DOTALL,
+)
+
+
+def parse(line: str) -> Record | None:
+    """The record on `line` (the inverse of the format `HookLog` writes), None if not one."""
+    match = _RECORD.fullmatch(line.rstrip("\n"))
+    if match is None:
+        return None
+    time, pid, domain, operation, subop, script, text = match.groups()
+    return Record(
+        time, int(pid), unquote(domain), unquote(operation), unquote(subop), unquote(script), text
+    )
+
+
+def unquote(value: str) -> str:
+    """A field value as `quote()` wrote it, back to the original string."""
+    if not (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
+        return value
+    out: list[str] = []
+    body, i, n = value[1:-1], 0, len(value) - 2
+    while i < n:
+        c = body[i]
+        if c != "\\" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        escape = body[i + 1]
+        width = {"x": 2, "u": 4}.get(escape, 0)
+        digits = body[i + 2 : i + 2 + width]
+        if width and len(digits) == width and all(d in "0123456789abcdef" for d in digits):
+            out.append(chr(int(digits, 16)))
+            i += 2 + width
+        else:
+            out.append(escape)
+            i += 2
+    return "".join(out)
 
 
 class Run:

@@ -13,7 +13,8 @@ import time
 from click.testing import CliRunner
 
 from kvmhook.cli import main
-from kvmhook.hooklog import parse, quote
+from kvmhook.hooklog import quote
+from kvmhook.hooklogview import parse
 
 TIMEOUTS = {"KVMHOOK_TIMEOUT": "0.5", "KVMHOOK_TERM_GRACE": "0.2"}
 
