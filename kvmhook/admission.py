@@ -192,24 +192,14 @@ def _may_enforce(text: bytes) -> bool:
 
 
 def _read_and_keep(fd: int) -> tuple[bytes, int]:
-    """All of `fd` (the hook's stdin, read once), and a memory file holding it, at offset 0."""
-    chunks = []
-    while True:
-        chunk = os.read(fd, 256 * 1024)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    data = b"".join(chunks)
-    keep = os.memfd_create("kvmhook-admission")
+    """All of `fd` (the hook's stdin, read once), and a new descriptor replaying it from 0."""
+    from kvmhook import process
+
+    stdin = process.Stdin(fd)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(keep, view) :]
-        os.lseek(keep, 0, os.SEEK_SET)
-    except OSError:
-        os.close(keep)
-        raise
-    return data, keep
+        return stdin.read(), stdin.open()
+    finally:
+        stdin.close()  # the replaying descriptor keeps the memory file alive
 
 
 def _refusal(domain: str, xml: bytes, factors: tuple[float, float], log: HookLog) -> str | None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from click.testing import CliRunner
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_TEMPLATE = REPO / "kvmhook" / "data" / "qemu-hook"
 # Issue 2's lists, written out here rather than imported, so a change in
@@ -107,3 +109,11 @@ def field(record: str, name: str) -> str:
         if part.startswith(name + "="):
             return part[len(name) + 1 :]
     raise KeyError(name)
+
+
+def cli_runner() -> CliRunner:
+    """A CliRunner keeping stderr apart (click < 8.2 mixes it in unless told; 8.2 has no option)."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()

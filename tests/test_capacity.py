@@ -15,7 +15,7 @@ import types
 
 import psutil
 import pytest
-from click.testing import CliRunner
+from sandbox import cli_runner
 
 import kvmhook
 from kvmhook import capacity, config, virt
@@ -27,16 +27,8 @@ TEST_URI = "test:///default"
 THREE_GUESTS = [virt.GuestSize(name, vcpus=1, memory=GIB) for name in ("vm1", "vm2", "vm3")]
 
 
-def runner() -> CliRunner:
-    """A CliRunner keeping stderr apart (click < 8.2 mixes it in unless told; 8.2 has no option)."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 def invoke(*args: str, **env: str):
-    return runner().invoke(capacity_command, list(args), env=env, catch_exceptions=False)
+    return cli_runner().invoke(capacity_command, list(args), env=env, catch_exceptions=False)
 
 
 def invoke_json(*args: str, **env: str) -> dict:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from sandbox import cli_runner
 
 from kvmhook import hoststate, virt
 from kvmhook import maintenance as host_maintenance
@@ -566,14 +566,6 @@ def test_status_with_a_controller_shows_and_records_its_state(root):
 # --- the command --------------------------------------------------------------------------
 
 
-def runner() -> CliRunner:
-    """A CliRunner keeping stderr apart (click < 8.2 mixes it in unless told; 8.2 has no option)."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 @pytest.fixture
 def wired(monkeypatch):
     """The command with a FakeLibvirt and no controller (standalone); set .controller."""
@@ -588,7 +580,7 @@ def wired(monkeypatch):
 
 
 def invoke(*args: str):
-    return runner().invoke(maintenance_command, list(args), catch_exceptions=False)
+    return cli_runner().invoke(maintenance_command, list(args), catch_exceptions=False)
 
 
 def test_cli_enter_exit_0_in_maintenance(root, wired):
@@ -705,6 +697,6 @@ def test_cli_exit_1_when_the_controller_fails(root, wired, command):
     ],
 )
 def test_cli_help_documents_the_exit_codes(command, codes):
-    result = runner().invoke(maintenance_command, [command, "--help"])
+    result = cli_runner().invoke(maintenance_command, [command, "--help"])
     for line in codes:
         assert line in result.stdout

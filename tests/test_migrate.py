@@ -17,7 +17,7 @@ import types
 
 import libvirt
 import pytest
-from click.testing import CliRunner
+from sandbox import cli_runner
 
 from kvmhook import migrate as migration
 from kvmhook import tls, virt
@@ -454,17 +454,9 @@ def test_no_job_figures_print_nothing():
 # --- the command: exit codes -----------------------------------------------------------------
 
 
-def runner() -> CliRunner:
-    """A CliRunner keeping stderr apart (click < 8.2 mixes it in unless told; 8.2 has no option)."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 def invoke(*args: str, **env: str):
     environment = {"KVMHOOK_LIBVIRT_URI": TEST_URI, **env}
-    return runner().invoke(migrate_command, list(args), env=environment, catch_exceptions=False)
+    return cli_runner().invoke(migrate_command, list(args), env=environment, catch_exceptions=False)
 
 
 @pytest.fixture
@@ -575,6 +567,6 @@ def test_cli_exit_4_when_timed_out(secured_ends, fake_guest):
 
 def test_cli_help_documents_the_exit_codes():
     """--help lists every exit code the command uses."""
-    result = runner().invoke(migrate_command, ["--help"])
+    result = cli_runner().invoke(migrate_command, ["--help"])
     for line in ["0  migrated", "1  failed", "2  usage", "3  refused", "4  aborted"]:
         assert line in result.stdout
