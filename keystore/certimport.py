@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import grp
 import os
-import shutil
 
 from cryptography import x509
 
@@ -159,19 +158,18 @@ def reload_libvirt_tls() -> None:
     """Make the running libvirtd (or virtproxyd) load its TLS files again, without a restart."""
     from kvmhook import process
 
-    tool = shutil.which("virt-admin")
-    if tool is None:
-        raise KeystoreError("imported, but virt-admin (libvirt-clients) is not installed")
     errors = []
     for daemon in ("libvirtd", "virtproxyd"):
-        argv = [tool, "-c", f"{daemon}:///system", "server-update-tls", daemon]
-        with open(os.devnull, "rb") as nothing:
-            try:
-                outcome = process.run(argv, nothing.fileno(), 30, 5, 64 * 1024)
-            except OSError as error:
-                raise KeystoreError(f"cannot run virt-admin: {error.strerror}") from None
+        argv = ["virt-admin", "-c", f"{daemon}:///system", "server-update-tls", daemon]
+        try:
+            outcome = process.run_tool(argv, 30)
+        except FileNotFoundError:
+            raise KeystoreError(
+                "imported, but virt-admin (libvirt-clients) is not installed"
+            ) from None
+        except OSError as error:
+            raise KeystoreError(f"cannot run virt-admin: {error.strerror}") from None
         if outcome.status == 0:
             return
-        said = b" ".join(data for _, data in outcome.segments).decode(errors="replace")
-        errors.append(f"{daemon}: {' '.join(said.split()) or outcome.ending}")
+        errors.append(f"{daemon}: {outcome.said() or outcome.ending}")
     raise KeystoreError(f"imported, but no daemon reloaded its TLS files ({'; '.join(errors)})")

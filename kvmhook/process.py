@@ -65,6 +65,11 @@ class Outcome:
         self.segments = segments
         self.dropped = dropped
 
+    def said(self, stream: str | None = None) -> str:
+        """The kept output (of `stream` only, if given) as one line of words, for messages."""
+        data = b" ".join(data for name, data in self.segments if stream in (None, name))
+        return " ".join(data.decode(errors="replace").split())
+
     @property
     def ending(self) -> str:
         """How the child ended, in words: `exit 0`, `killed by SIGKILL`."""
@@ -124,6 +129,20 @@ class _Output:
             self.segments[-1][1].extend(data[:keep])
             self.room -= keep
         self.dropped += len(data) - keep
+
+
+def run_tool(argv: list[str], timeout: float, cap: int = 64 * 1024) -> Outcome:
+    """Run a command looked up on PATH, stdin from /dev/null (the CLI's helpers, not the hook).
+
+    Raises FileNotFoundError when argv[0] is not on PATH, OSError when it cannot start.
+    """
+    import shutil
+
+    tool = shutil.which(argv[0])
+    if tool is None:
+        raise FileNotFoundError(2, "not found on PATH", argv[0])
+    with open(os.devnull, "rb") as nothing:
+        return run([tool, *argv[1:]], nothing.fileno(), timeout, 5, cap)
 
 
 def signal_name(number: int) -> str:

@@ -68,8 +68,7 @@ def _sign(signer: str, csr: str) -> bytes:
             raise KeystoreError(f"cannot run the signer: {error.strerror}") from None
     stdout = b"".join(data for stream, data in outcome.segments if stream == "stdout")
     if outcome.timed_out or outcome.status != 0:
-        stderr = b"".join(data for stream, data in outcome.segments if stream == "stderr")
-        said = " ".join(stderr.decode(errors="replace").split()[-40:])
+        said = " ".join(outcome.said("stderr").split()[-40:])
         how = "timed out" if outcome.timed_out else outcome.ending
         raise KeystoreError(f"the signer failed ({how}){': ' + said if said else ''}")
     return stdout

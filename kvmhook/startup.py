@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 
 from kvmhook import paths, process
 from kvmhook.errors import TlsError
@@ -245,14 +244,11 @@ def _command(args: list[str]) -> str:
 
 
 def _systemctl(args: list[str]) -> None:
-    tool = shutil.which("systemctl")
-    if tool is None:
-        raise TlsError("systemd is running but systemctl is not on PATH")
-    with open(os.devnull, "rb") as nothing:
-        try:
-            outcome = process.run([tool, *args], nothing.fileno(), _SYSTEMCTL_TIMEOUT, 5, 64 * 1024)
-        except OSError as error:
-            raise TlsError(f"cannot run {tool}: {error.strerror}") from None
+    try:
+        outcome = process.run_tool(["systemctl", *args], _SYSTEMCTL_TIMEOUT)
+    except FileNotFoundError:
+        raise TlsError("systemd is running but systemctl is not on PATH") from None
+    except OSError as error:
+        raise TlsError(f"cannot run systemctl: {error.strerror}") from None
     if outcome.status != 0:
-        said = b" ".join(data for _, data in outcome.segments).decode(errors="replace")
-        raise TlsError(f"{_command(args)} failed: {' '.join(said.split()) or outcome.ending}")
+        raise TlsError(f"{_command(args)} failed: {outcome.said() or outcome.ending}")
