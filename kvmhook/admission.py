@@ -58,6 +58,7 @@ TYPE_CHECKING = False  # typing costs import time the hook pays on every guest s
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
 
+    from kvmhook.hookconf import HookConf
     from kvmhook.hooklog import HookLog
 
 ENFORCE = "enforce"
@@ -108,14 +109,14 @@ class Admission:
             os.close(self.stdin_fd)
 
 
-def check(domain: str, stdin_fd: int | None, log: HookLog) -> Admission:
+def check(domain: str, conf: HookConf, stdin_fd: int | None, log: HookLog) -> Admission:
     """Whether `domain`, arriving with its XML on `stdin_fd`, fits; never raises.
 
-    Call only when kvmhook.conf exists: the hook pays no more than that stat
+    Call only when kvmhook.conf (`conf`) exists: the hook pays nothing more
     on hosts without one.
     """
     try:
-        factors = _enforced_factors(log)
+        factors = _enforced_factors(conf, log)
     except Exception as error:  # whatever is wrong with the file, guests still start
         log.record("-", f"config: {error}; admission control off")
         return Admission(None, stdin_fd, owned=False)
@@ -137,20 +138,16 @@ def check(domain: str, stdin_fd: int | None, log: HookLog) -> Admission:
     return Admission(refusal, replay_fd, owned=True)
 
 
-def _enforced_factors(log: HookLog) -> tuple[float, float] | None:
+def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float] | None:
     """(cpu_factor, mem_factor) when `[capacity] admission = enforce`; else None.
 
     Raises (ConfigError and the like) for a file that cannot be used.
     """
-    try:
-        with open(paths.kvmhook_conf(), "rb") as source:
-            if not _may_enforce(source.read()):
-                return None  # off, without paying ~10 ms for importing configparser
-    except FileNotFoundError:
-        return None  # removed since the hook looked
+    if not conf.may_set("admission", OFF):
+        return None  # off, without paying ~10 ms for importing configparser
     from kvmhook import config
 
-    settings = config.load()
+    settings = conf.parsed()
     value = settings.get("capacity", "admission", fallback=OFF).strip()
     if value.lower() != ENFORCE:
         if value.lower() != OFF:
@@ -172,23 +169,6 @@ def _enforced_factors(log: HookLog) -> tuple[float, float] | None:
             )
         factors.append(1.0 if factor is None else factor)
     return factors[0], factors[1]
-
-
-def _may_enforce(text: bytes) -> bool:
-    """Whether the file may turn admission on: it has an `admission` line not saying `off`.
-
-    A shortcut only: without such a line configparser would find the option
-    absent or `off` (comments start with `#` or `;`, never with the name), so
-    the file is parsed only when admission may be on or its value is to be logged.
-    """
-    for line in text.lower().splitlines():
-        rest = line.strip()
-        if not rest.startswith(b"admission"):
-            continue
-        rest = rest[len(b"admission") :].lstrip()
-        if rest[:1] in (b"=", b":") and rest[1:].strip() != OFF.encode():
-            return True
-    return False
 
 
 def _read_and_keep(fd: int) -> tuple[bytes, int]:

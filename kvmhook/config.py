@@ -1,7 +1,7 @@
 """kvmhook.conf: the agent's own settings, one INI file, read only when present.
 
-`<root>/etc/kvmhook/kvmhook.conf`. Each feature has its section (`[capacity]`
-for now) and a typed getter here. A missing file, section or option means
+`<root>/etc/kvmhook/kvmhook.conf`. Each feature has its section (`[capacity]`,
+`[hooks]`) and a typed getter here. A missing file, section or option means
 the built-in default, so a host needs no file at all.
 """
 
@@ -48,20 +48,30 @@ def load() -> Config:
 
     Raises ConfigError naming the file, and the line when its syntax is wrong.
     """
-    config = Config(paths.kvmhook_conf())
+    path = paths.kvmhook_conf()
     try:
-        with open(config.path, encoding="utf-8") as source:
-            text = source.read()
+        with open(path, "rb") as source:
+            return parse(source.read(), path)
     except FileNotFoundError:
-        return config
+        return Config(path)
     except OSError as error:
-        raise ConfigError(f"cannot read {config.path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{config.path}: not UTF-8 text") from None
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+
+
+def parse(data: bytes, path: str) -> Config:
+    """The file's bytes `data` as a Config (the hook has read them already).
+
+    Raises ConfigError naming `path`, and the line when the syntax is wrong.
+    """
+    config = Config(path)
     try:
-        config.read_string(text, source=config.path)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        config.read_string(text, source=path)
     except _SYNTAX_ERRORS as error:
-        raise ConfigError(f"{config.path}, {_syntax_problem(error, text)}") from None
+        raise ConfigError(f"{path}, {_syntax_problem(error, text)}") from None
     return config
 
 
@@ -83,3 +93,47 @@ def cpu_factor(config: Config) -> float | None:
 def mem_factor(config: Config) -> float | None:
     """`[capacity] mem_factor`: memory over-provisioning factor; None when unset."""
     return config.number("capacity", "mem_factor")
+
+
+# Operations whose non-zero exit libvirt honours by stopping what it does.
+ABORTABLE = ("prepare", "start", "started", "migrate", "restore")
+# Why the others can never abort: libvirt ignores their exit status, or worse.
+_NEVER_ABORT = {
+    "reconnect": "a failing reconnect makes libvirt kill the running guest",
+    "stopped": "libvirt ignores its exit status",
+    "release": "libvirt ignores its exit status",
+    "attach": "libvirt never runs it for current QEMU guests",
+}
+IGNORE, ABORT = "ignore", "abort"
+
+
+def abort_on(config: Config) -> frozenset[str]:
+    """The operations a failing custom script aborts: `[hooks] on_failure` and `abort_on`.
+
+    Empty with `on_failure = ignore` (the default). Raises ConfigError for a
+    value that is not understood, or an operation that must never abort.
+    """
+    on_failure = config.get("hooks", "on_failure", fallback=IGNORE).strip().lower()
+    if on_failure not in (IGNORE, ABORT):
+        raise ConfigError(
+            f"{config.path}: [hooks] on_failure = {on_failure}: neither {IGNORE} nor {ABORT}"
+        )
+    listed = config.get("hooks", "abort_on", fallback=None)
+    names = ABORTABLE if listed is None else listed.lower().replace(",", " ").split()
+    for name in names:
+        if name in _NEVER_ABORT:
+            raise ConfigError(
+                f"{config.path}: [hooks] abort_on = {listed}: {name} can never "
+                f"abort ({_NEVER_ABORT[name]})"
+            )
+        if name not in ABORTABLE:
+            raise ConfigError(
+                f"{config.path}: [hooks] abort_on = {listed}: {name} is not an "
+                f"operation (choose from {', '.join(ABORTABLE)})"
+            )
+    if listed is not None and not names:
+        raise ConfigError(
+            f"{config.path}: [hooks] abort_on is empty (leave it out for every "
+            f"operation that can abort: {', '.join(ABORTABLE)})"
+        )
+    return frozenset(names) if on_failure == ABORT else frozenset()

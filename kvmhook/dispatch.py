@@ -12,7 +12,7 @@ import os
 import stat
 
 from kvmhook import paths
-from kvmhook.hooklog import HookLog, output_lines, quote
+from kvmhook.hooklog import HookLog, clean, output_lines, quote
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
@@ -83,14 +83,18 @@ class Ignored:
     `notable` files have a name that asks to run for this operation; the
     hook logs why they did not. The others (other operations' scripts,
     leftovers, foreign names) are only shown by `kvmhook hooks list`.
+    `broken` ones are notable files that cannot be run (unsafe, a broken
+    link, not a file): under the veto policy they fail the chain, while a
+    script without the execute bit is switched off, as with run-parts.
     """
 
-    __slots__ = ("name", "notable", "reason")
+    __slots__ = ("broken", "name", "notable", "reason")
 
-    def __init__(self, name: str, reason: str, notable: bool) -> None:
+    def __init__(self, name: str, reason: str, notable: bool, broken: bool = False) -> None:
         self.name = name
         self.reason = reason
         self.notable = notable
+        self.broken = broken
 
 
 class Limits:
@@ -105,9 +109,12 @@ class Limits:
 
 
 class Run:
-    """One script's run: its outcome, or the OS error that kept it from starting."""
+    """One script's run: its outcome, or the OS error that kept it from starting.
 
-    __slots__ = ("error", "outcome", "script")
+    `bad_rewrite` says why the domain XML it wrote was discarded, if it was.
+    """
+
+    __slots__ = ("bad_rewrite", "error", "outcome", "script")
 
     def __init__(
         self, script: Script, outcome: "process.Outcome | None", error: "OSError | None"
@@ -115,11 +122,45 @@ class Run:
         self.script = script
         self.outcome = outcome
         self.error = error
+        self.bad_rewrite: str | None = None
 
     @property
     def failed(self) -> bool:
+        """It exited non-zero, died by a signal, timed out or could not be executed."""
         outcome = self.outcome
         return outcome is None or outcome.timed_out or outcome.status != 0
+
+    @property
+    def problem(self) -> str:
+        """What went wrong, in words, for the veto message ('' when nothing did)."""
+        outcome = self.outcome
+        if outcome is None:
+            error = self.error or OSError("not run")
+            return f"cannot be executed: {_exec_problem(error, self.script.path)}"
+        if outcome.timed_out:
+            return f"timed out ({outcome.ending})"
+        if outcome.status != 0:
+            return outcome.ending
+        if self.bad_rewrite is not None:
+            return f"wrote a bad domain XML: {self.bad_rewrite}"
+        return ""
+
+
+class Chain:
+    """What one hook call's scripts did.
+
+    `runs` in order; `veto`: the lines for the hook's stderr when a failure
+    aborts the operation (None otherwise); `xml`: the rewritten domain XML
+    for libvirt, only when it differs from what libvirt passed in and
+    nothing vetoed.
+    """
+
+    __slots__ = ("runs", "veto", "xml")
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+        self.veto: list[str] | None = None
+        self.xml: bytes | None = None
 
 
 def discover(
@@ -179,7 +220,7 @@ def _guest_scripts(
     except OSError as error:
         reason = f"per-guest dir {entry.path}: {error.strerror or error}"
     if reason is not None:
-        return Ignored(name, f"per-guest scripts of guest {name} not run: {reason}", True)
+        return Ignored(name, f"per-guest scripts of guest {name} not run: {reason}", True, True)
     for child in children:
         found = _classify(child, operation, name + "/")
         if isinstance(found, Script):
@@ -213,13 +254,15 @@ def _classify(entry: os.DirEntry, operation: str, guest: str = "") -> "Script | 
     try:
         st = os.stat(entry.path)
     except FileNotFoundError:
-        return Ignored(name, "broken symbolic link" if entry.is_symlink() else "vanished", True)
+        if entry.is_symlink():
+            return Ignored(name, "broken symbolic link", True, True)
+        return Ignored(name, "vanished", True)
     except OSError as error:
-        return Ignored(name, f"cannot stat: {error.strerror}", True)
+        return Ignored(name, f"cannot stat: {error.strerror}", True, True)
     if not stat.S_ISREG(st.st_mode):
         if not guest and stat.S_ISDIR(st.st_mode):
             return Ignored(name, f"per-guest scripts of guest {name}", False)
-        return Ignored(name, "not a regular file", True)
+        return Ignored(name, "not a regular file", True, True)
     if not st.st_mode & 0o111:
         return Ignored(name, f"not executable (mode {stat.S_IMODE(st.st_mode):04o})", True)
     reason = _unsafe(st, "script", sticky_ok=False)
@@ -229,7 +272,7 @@ def _classify(entry: os.DirEntry, operation: str, guest: str = "") -> "Script | 
         except OSError as error:
             reason = f"cannot check the link target: {error.strerror}"
     if reason is not None:
-        return Ignored(name, f"refused: {reason}", True)
+        return Ignored(name, f"refused: {reason}", True, True)
     return Script(name, entry.path)
 
 
@@ -327,32 +370,49 @@ def _valid(value: object, positive: bool) -> bool:
 
 
 def run_hook(
-    event: Event, log: HookLog, timeout: "float | None", stdin_fd: "int | None"
-) -> list[Run]:
+    event: Event,
+    log: HookLog,
+    timeout: "float | None",
+    stdin_fd: "int | None",
+    abort: bool = False,
+) -> Chain:
     """Run the custom scripts for `event`, logging each; never raises for a script's sake.
 
     `stdin_fd` is read once, only if a script is going to run, and replayed to
-    every script (None: scripts get empty input).
+    every script (None: scripts get empty input). With `abort` (the veto
+    policy for this operation), the first script that fails, or cannot be
+    run, stops the chain and the result carries a veto.
     """
+    chain = Chain()
     settings = limits(timeout, lambda message: log.record("-", f"config: {message}"))
     directory = paths.custom_dir()
     try:
         scripts, ignored = discover(directory, event.operation, event.domain)
     except _custom_dir_error() as error:  # evaluated only when something was raised
         log.record("-", f"no scripts run: {error}")
-        return []
+        return chain
     for item in ignored:
         if item.notable:
             log.record(item.name, f"ignored: {item.reason}")
-    if not scripts:
+    broken = [item for item in ignored if item.broken]
+    if abort and broken:
+        _veto(chain, event, log, broken[0].name, broken[0].reason, len(scripts), [])
+    elif not scripts:
         log.record("-", f"no scripts for {event.operation} in {directory}")
-        return []
-    return _run_scripts(scripts, event, settings, stdin_fd, log)
+    else:
+        _run_scripts(chain, scripts, event, settings, stdin_fd, log, abort)
+    return chain
 
 
 def _run_scripts(
-    scripts: list[Script], event: Event, settings: Limits, stdin_fd: "int | None", log: HookLog
-) -> list[Run]:
+    chain: Chain,
+    scripts: list[Script],
+    event: Event,
+    settings: Limits,
+    stdin_fd: "int | None",
+    log: HookLog,
+    abort: bool,
+) -> None:
     # Imported only now: a hook with nothing to run skips what spawning costs.
     from kvmhook import process
 
@@ -361,14 +421,125 @@ def _run_scripts(
     except OSError as error:
         log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
         stdin = process.Stdin(None)
+    rewrites = _Rewrites(stdin) if event.operation in _REWRITABLE else None
     try:
-        return [_run_one(script, event, stdin, settings, log) for script in scripts]
+        for index, script in enumerate(scripts):
+            run = _run_one(script, event, stdin, settings, log, rewrites)
+            chain.runs.append(run)
+            if rewrites is not None:
+                stdin = rewrites.after(run, stdin, log)
+            if abort and (run.failed or run.bad_rewrite is not None):
+                lines = _stderr_tail(run.outcome) if run.outcome is not None else []
+                _veto(chain, event, log, script.name, run.problem, len(scripts) - index - 1, lines)
+                return
+        if rewrites is not None:
+            chain.xml = rewrites.result(stdin, log)
     finally:
         stdin.close()
+        if rewrites is not None:
+            rewrites.close()
+
+
+# Operations whose XML a script may rewrite: libvirt reads the hook's stdout only for these.
+_REWRITABLE = ("migrate", "restore")
+
+
+class _Rewrites:
+    """The rewrite chain of one call: the outbox, the original XML and its checks."""
+
+    def __init__(self, stdin: "process.Stdin") -> None:
+        from kvmhook import rewrite
+
+        self.original = stdin.read()
+        self.outbox = rewrite.Outbox()
+        self.variables = {rewrite.VARIABLE: self.outbox.path}
+        self._reference: rewrite.Reference | None = None
+
+    def after(self, run: Run, stdin: "process.Stdin", log: HookLog) -> "process.Stdin":
+        """Take `run`'s rewrite, if any; the Stdin the next script reads."""
+        from kvmhook import process, rewrite
+
+        name = run.script.name
+        try:
+            data = self.outbox.take()
+        except OSError as error:
+            data, run.bad_rewrite = None, f"cannot read ${rewrite.VARIABLE}: {error.strerror}"
+        if data is not None and run.failed:
+            log.record(name, f"xml: rewrite of {len(data)} bytes discarded: the script failed")
+            return stdin
+        if data is not None:
+            if self._reference is None:
+                self._reference = rewrite.Reference(self.original)
+            run.bad_rewrite = self._reference.check(data)
+        if run.bad_rewrite is not None:
+            log.record(name, f"xml: rewrite discarded: {run.bad_rewrite}")
+            return stdin
+        if data is None:
+            return stdin
+        log.record(name, f"xml: rewritten ({len(data)} bytes); later scripts get it on stdin")
+        stdin.close()
+        return process.Stdin.holding(data)
+
+    def result(self, stdin: "process.Stdin", log: HookLog) -> "bytes | None":
+        """The final XML for libvirt, when it differs from the original."""
+        final = stdin.read()
+        if final == self.original:
+            return None
+        log.record("-", f"xml: new domain XML ({len(final)} bytes) printed for libvirt")
+        return final
+
+    def close(self) -> None:
+        self.outbox.remove()
+
+
+def _veto(
+    chain: Chain,
+    event: Event,
+    log: HookLog,
+    name: str,
+    problem: str,
+    skipped: int,
+    lines: list[str],
+) -> None:
+    """Record that `name` vetoes the operation: the log line and the hook's stderr."""
+    log.record(
+        name,
+        f"abort: {problem}; {skipped} later scripts not run; "
+        f"the hook exits 1 so libvirt aborts {event.operation}",
+    )
+    chain.veto = [
+        f"kvmhook: {event.operation} of guest {event.domain} aborted: "
+        f"custom script {name}: {problem}",
+        *(f"kvmhook: {name}: {line}" for line in lines),
+    ]
+
+
+# The most of a failing script's stderr the hook repeats on its own stderr,
+# which libvirt puts in the error the operator sees.
+_TAIL_LINES = 10
+_TAIL_LINE_CHARS = 300
+
+
+def _stderr_tail(outcome: "process.Outcome") -> list[str]:
+    """The last lines of `outcome`'s stderr, cleaned; never a line that looks like XML
+    (the domain XML, which for migrate carries secrets, echoed by the script)."""
+    data = b"".join(data for stream, data in outcome.segments if stream == "stderr")
+    text = data[-_TAIL_LINES * _TAIL_LINE_CHARS * 4 :].decode("utf-8", "replace")
+    lines = []
+    for line in text.splitlines():
+        line = clean(line.strip())
+        if line and not (line.startswith("<") and line.endswith(">")):
+            lines.append(line[:_TAIL_LINE_CHARS])
+    return lines[-_TAIL_LINES:]
 
 
 def _run_one(
-    script: Script, event: Event, stdin: "process.Stdin", settings: Limits, log: HookLog
+    script: Script,
+    event: Event,
+    stdin: "process.Stdin",
+    settings: Limits,
+    log: HookLog,
+    rewrites: "_Rewrites | None",
 ) -> Run:
     from kvmhook import process
 
@@ -379,7 +550,14 @@ def _run_one(
     )
     fd = stdin.open()
     try:
-        outcome = process.run(argv, fd, settings.timeout, settings.grace, settings.max_output)
+        outcome = process.run(
+            argv,
+            fd,
+            settings.timeout,
+            settings.grace,
+            settings.max_output,
+            None if rewrites is None else rewrites.variables,
+        )
     except OSError as error:
         log.record(script.name, f"end: cannot execute: {_exec_problem(error, script.path)}")
         return Run(script, None, error)

@@ -98,6 +98,15 @@ class Stdin:
             while chunk:
                 chunk = chunk[os.write(self._fd, chunk) :]
 
+    @classmethod
+    def holding(cls, data: bytes) -> Stdin:
+        """A Stdin replaying `data` (a custom script's rewrite of the domain XML)."""
+        stdin = cls(None)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(stdin._fd, view) :]
+        return stdin
+
     def open(self) -> int:
         """A new read-only descriptor on the bytes, positioned at the start."""
         return os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -153,8 +162,17 @@ def signal_name(number: int) -> str:
     return f"signal {number}"
 
 
-def run(argv: list[str], stdin_fd: int, timeout: float, grace: float, cap: int) -> Outcome:
+def run(
+    argv: list[str],
+    stdin_fd: int,
+    timeout: float,
+    grace: float,
+    cap: int,
+    extra_env: Mapping[str, str] | None = None,
+) -> Outcome:
     """Run `argv` to completion or to its deadline, `timeout` seconds from now.
+
+    The child gets the hook's environment, plus `extra_env`.
 
     Raises OSError when the child cannot be started (not executable, no such
     file, bad interpreter); the error's strerror says why.
@@ -165,7 +183,7 @@ def run(argv: list[str], stdin_fd: int, timeout: float, grace: float, cap: int) 
         pid = os.posix_spawn(
             argv[0],
             argv,
-            _environment(),
+            _environment() if extra_env is None else {**_environment(), **extra_env},
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, stdin_fd, 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),

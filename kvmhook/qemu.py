@@ -2,12 +2,14 @@
 
 libvirtd runs this on every guest lifecycle event and waits for it, so it
 exits 0 whatever happens: an unknown operation, a failing or hanging custom
-script, an unwritable log, even a bug here must never block a guest. The one
-exception is the operator's: a host in maintenance refuses arriving guests, and
-with admission control on (kvmhook.conf) so does a full host. It
-writes nothing on stdout, where libvirt expects new domain XML for migrate
-and restore. Imports are kept to the few the run needs: every millisecond
-here is paid on every guest start.
+script, an unwritable log, even a bug here must never block a guest. The
+exceptions are the operator's: a host in maintenance refuses arriving guests;
+with admission control on (kvmhook.conf) so does a full host; with the veto
+policy on (`[hooks] on_failure = abort`) a failing script aborts the
+operation. Its stdout, where libvirt expects new domain XML for migrate and
+restore, stays empty unless a script rewrote the XML (see rewrite). Imports
+are kept to the few the run needs: every millisecond here is paid on every
+guest start.
 """
 
 import os
@@ -20,14 +22,17 @@ TYPE_CHECKING = False  # typing costs import time the hook pays on every guest s
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from kvmhook.hookconf import HookConf
+
 
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
     """Run the hook for `argv` (default: the command line); returns its exit status.
 
-    0 in every case but two: while the host is in maintenance (see
+    0 in every case but three: while the host is in maintenance (see
     hoststate), `prepare` and `migrate` return 1, so libvirt refuses the guest;
     with admission control on, `prepare` returns 1 for a guest that does not fit
-    (see admission).
+    (see admission); with the veto policy on, an operation it covers returns 1
+    when a custom script fails (see dispatch.run_hook).
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
     may run. KVMHOOK_TIMEOUT overrides it.
@@ -63,31 +68,80 @@ def _run(args: list[str], timeout: "float | None", log: HookLog) -> int:
     if event.operation in _ARRIVALS and _refused_for_maintenance(log):
         return 1
     stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
-    # Admission control is opt-in in kvmhook.conf: a host without the file pays one stat.
-    if event.operation == "prepare" and os.path.exists(paths.kvmhook_conf()):
-        return _admit(event, log, timeout, stdin_fd)
-    dispatch.run_hook(event, log, timeout, stdin_fd)
+    # kvmhook.conf is opt-in: a host without one pays a failed open, and only here.
+    conf = _conf(log) if event.operation in _CONFIGURABLE else None
+    abort = conf is not None and _aborts(event.operation, conf, log)
+    if conf is not None and event.operation == "prepare":
+        return _admit(event, conf, log, timeout, stdin_fd, abort)
+    return _finish(dispatch.run_hook(event, log, timeout, stdin_fd, abort))
+
+
+# The operations kvmhook.conf can change: those whose exit status libvirt honours.
+_CONFIGURABLE = ("prepare", "start", "started", "migrate", "restore")
+
+
+def _conf(log: HookLog) -> "HookConf | None":
+    from kvmhook import hookconf
+
+    try:
+        return hookconf.read()
+    except OSError as error:
+        log.record("-", f"config: cannot read {paths.kvmhook_conf()}: {error}; defaults apply")
+        return None
+
+
+def _aborts(operation: str, conf: "HookConf", log: HookLog) -> bool:
+    """Whether a failing script aborts `operation` (`[hooks] on_failure = abort`).
+
+    A broken file never blocks a guest: the error is logged and the default
+    (ignore) applies.
+    """
+    if not conf.may_set("on_failure", "ignore"):
+        return False  # the default, known without importing configparser
+    try:
+        from kvmhook import config
+
+        return operation in config.abort_on(conf.parsed())
+    except Exception as error:  # whatever is wrong with the file, guests still start
+        log.record("-", f"config: {error}; [hooks] on_failure = ignore applies")
+        return False
+
+
+def _finish(chain: dispatch.Chain) -> int:
+    """The exit status for libvirt, after the veto's reason on stderr or the new XML on stdout."""
+    if chain.veto is not None:
+        _say("\n".join(chain.veto))
+        return 1
+    if chain.xml is not None:
+        _print_xml(chain.xml)
     return 0
 
 
+def _print_xml(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view) :]
+
+
 def _admit(
-    event: dispatch.Event, log: HookLog, timeout: "float | None", stdin_fd: "int | None"
+    event: dispatch.Event,
+    conf: "HookConf",
+    log: HookLog,
+    timeout: "float | None",
+    stdin_fd: "int | None",
+    abort: bool,
 ) -> int:
-    """`prepare` with admission control: a guest that does not fit is refused (exit 1, the
+    """`prepare` with kvmhook.conf: a guest that does not fit is refused (exit 1, the
     numbers on stderr) before any script runs; otherwise the scripts run on the XML read once."""
     from kvmhook import admission
 
-    outcome = admission.check(event.domain, stdin_fd, log)
+    outcome = admission.check(event.domain, conf, stdin_fd, log)
     try:
         if outcome.refusal is not None:
             log.record("-", f"refused: {outcome.refusal}; no scripts run")
-            try:
-                sys.stderr.write(outcome.refusal + "\n")
-            except (OSError, ValueError):
-                pass
+            _say(outcome.refusal)
             return 1
-        dispatch.run_hook(event, log, timeout, outcome.stdin_fd)
-        return 0
+        return _finish(dispatch.run_hook(event, log, timeout, outcome.stdin_fd, abort))
     finally:
         outcome.close()
 
@@ -101,11 +155,17 @@ def _refused_for_maintenance(log: HookLog) -> bool:
     if state not in hoststate.REFUSING:
         return False
     log.record("-", f"refused: {hoststate.REFUSAL} (state {state}); no scripts run")
-    try:
-        sys.stderr.write(hoststate.REFUSAL + "\n")
-    except (OSError, ValueError):
-        pass
+    _say(hoststate.REFUSAL)
     return True
+
+
+def _say(message: str) -> None:
+    """`message` on stderr, where libvirt takes the reason a failed hook gives."""
+    try:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr is gone: the log has it
 
 
 def _shown(args: list[str]) -> str:

@@ -115,7 +115,10 @@ def test_list_honours_custom_dir_override(host, tmp_path):
     host.script("all_other", "true\n", directory=other)
     result = invoke(host, "list", "start", KVMHOOK_CUSTOM_DIR=str(other))
     assert result.exit_code == 0
-    assert result.output.splitlines() == [f"run      {other / 'all_other'}"]
+    assert result.output.splitlines() == [
+        f"run      {other / 'all_other'}",
+        f"on failure: ignore for start (default, no {host.root}/etc/kvmhook/kvmhook.conf)",
+    ]
 
 
 def test_list_honours_kvmhook_root(host, tmp_path):
@@ -127,7 +130,10 @@ def test_list_honours_kvmhook_root(host, tmp_path):
     host.script("all_here", "true\n")
     host.script("all_there", "true\n", directory=custom)
     result = invoke(host, "list", "start", KVMHOOK_ROOT=str(elsewhere))
-    assert result.output.splitlines() == [f"run      {custom / 'all_there'}"]
+    assert result.output.splitlines() == [
+        f"run      {custom / 'all_there'}",
+        f"on failure: ignore for start (default, no {elsewhere}/etc/kvmhook/kvmhook.conf)",
+    ]
 
 
 # --- hooks run ----------------------------------------------------------------------
@@ -262,4 +268,7 @@ def test_real_command_failure_exit_1_and_list(host, tmp_path):
         check=False,
     )
     assert listing.returncode == 0
-    assert listing.stdout.decode().splitlines() == [f"run      {other / 'all_fail'}"]
+    assert listing.stdout.decode().splitlines() == [
+        f"run      {other / 'all_fail'}",
+        "on failure: ignore for stopped (stopped can never abort)",
+    ]

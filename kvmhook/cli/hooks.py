@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from kvmhook import dispatch, paths
-from kvmhook.errors import CustomDirError
+from kvmhook import config, dispatch, paths
+from kvmhook.errors import ConfigError, CustomDirError
 from kvmhook.hooklog import HookLog
 
 _operation_argument = click.argument(
@@ -30,7 +30,8 @@ def hooks() -> None:
 )
 def list_(operation: str, domain: str | None) -> None:
     """Show, in order, the scripts that would run for OPERATION, and every file
-    that would not, with the reason (like run-parts --test)."""
+    that would not, with the reason (like run-parts --test), and what a
+    failing script does under kvmhook.conf's [hooks] policy."""
     _warn_qemu_d()
     directory = paths.custom_dir()
     try:
@@ -44,6 +45,8 @@ def list_(operation: str, domain: str | None) -> None:
         click.echo(f"ignored  {os.path.join(directory, item.name)}: {item.reason}")
     if not scripts:
         click.echo(f"no scripts run for {operation} in {directory}")
+    policy = "abort" if _aborts(operation) else "ignore"
+    click.echo(f"on failure: {policy} for {operation} ({_policy_source(operation)})")
 
 
 @hooks.command(
@@ -62,19 +65,43 @@ def list_(operation: str, domain: str | None) -> None:
 )
 def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> None:
     """Run the custom scripts for OBJECT OPERATION [SUBOP] [EXTRA] as the hook
-    would, logging to the hook's log and echoing each record on stderr.
+    would, logging to the hook's log and echoing each record on stderr, under
+    kvmhook.conf's [hooks] policy. For migrate and restore, a rewritten domain
+    XML is printed on stdout, as the hook gives it to libvirt.
     Exits 1 if a script failed, timed out or could not start."""
     event = dispatch.Event(domain, operation, subop, extra)
+    abort = _aborts(operation)
     log = HookLog(paths.log_file(), domain, operation, subop, echo=sys.stderr)
     try:
-        runs = dispatch.run_hook(event, log, None, xml.fileno() if xml else None)
+        chain = dispatch.run_hook(event, log, None, xml.fileno() if xml else None, abort)
     finally:
         log.close()
-    failed = [item.script.name for item in runs if item.failed]
+    if chain.xml is not None:
+        click.get_binary_stream("stdout").write(chain.xml)
+    if chain.veto is not None:
+        raise click.ClickException("\n".join(chain.veto))
+    failed = [item.script.name for item in chain.runs if item.failed]
     if failed:
         raise click.ClickException(
-            f"{len(failed)} of {len(runs)} scripts failed: {', '.join(failed)}"
+            f"{len(failed)} of {len(chain.runs)} scripts failed: {', '.join(failed)}"
         )
+
+
+def _aborts(operation: str) -> bool:
+    """Whether kvmhook.conf makes a failing script abort `operation`; a broken file is
+    reported and, as in the hook, the default (ignore) applies."""
+    try:
+        return operation in config.abort_on(config.load())
+    except ConfigError as error:
+        click.echo(f"warning: {error}; on_failure = ignore applies, as in the hook", err=True)
+        return False
+
+
+def _policy_source(operation: str) -> str:
+    path = paths.kvmhook_conf()
+    if operation not in config.ABORTABLE:
+        return f"{operation} can never abort"
+    return f"[hooks] in {path}" if os.path.exists(path) else f"default, no {path}"
 
 
 def _warn_qemu_d() -> None:
