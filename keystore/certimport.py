@@ -19,6 +19,8 @@ from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 
 MODES = ("ssh", "agent")
+# Beside each file a rotation replaces: its previous content, for one rollback step.
+PREVIOUS = ".prev"
 # Group that QEMU runs as, by distribution: it must read the TLS keys.
 _QEMU_GROUPS = ("qemu", "libvirt-qemu")
 
@@ -48,6 +50,58 @@ def import_certificate(
     `new_passphrase` (for rotation) is used, and written to the properties
     file with the rest, when that file holds none yet.
     """
+    installation = check(
+        properties_file,
+        keystore_file,
+        cert_file,
+        cert_content,
+        ca_file,
+        ca_content,
+        key_file,
+        key_content,
+        new_passphrase,
+    )
+    with Transaction() as files:
+        installation.stage(files)
+    return installation.material
+
+
+class Installation:
+    """A checked import: what it installs and every file it writes, in order (keystore last)."""
+
+    def __init__(
+        self, material: Material, writes: list[tuple[str, bytes, int, int | None, int | None]]
+    ) -> None:
+        self.material = material
+        self.writes = writes  # (path, data, mode, group, mode of a missing parent directory)
+
+    @property
+    def paths(self) -> list[str]:
+        return [write[0] for write in self.writes]
+
+    def stage(self, files: Transaction, keep_previous: bool = False) -> None:
+        """Stage every file; with `keep_previous`, each existing one's content goes to FILE.prev
+        first (its mode and group kept), in the same transaction."""
+        for path, data, mode, group, parent_mode in self.writes:
+            if keep_previous and os.path.exists(path):
+                with open(path, "rb") as source:
+                    info = os.fstat(source.fileno())
+                    files.write(path + PREVIOUS, source.read(), info.st_mode & 0o7777, info.st_gid)
+            files.write(path, data, mode, group, parent_mode=parent_mode)
+
+
+def check(
+    properties_file: str,
+    keystore_file: str,
+    cert_file: str,
+    cert_content: str,
+    ca_file: str,
+    ca_content: str,
+    key_file: str,
+    key_content: str = "",
+    new_passphrase: str | None = None,
+) -> Installation:
+    """Everything keystore-cert-import checks before it writes; the files it would write."""
     text = _read_properties(properties_file, missing_ok=new_passphrase is not None)
     passphrase = properties.passphrase(text) or new_passphrase
     if passphrase is None:
@@ -64,15 +118,17 @@ def import_certificate(
     chain = pki.chain(cert, cas)
     pki.check_validity(cert, "certificate")
     material = Material(key, chain, pki.certificate_pem(cas))
-    with Transaction() as files:
+    writes: list[tuple[str, bytes, int, int | None, int | None]] = [
+        (path, data, mode, group, _directory_mode(path))
         for path, data, mode, group in _pem_files(
             material, keystore_file, cert_file, ca_file, key_file
-        ):
-            files.write(path, data, mode, group, parent_mode=_directory_mode(path))
-        if properties.passphrase(text) is None:
-            files.write(properties_file, properties.with_passphrase(text, passphrase).encode())
-        files.write(keystore_file, store.dump(key, chain, passphrase))
-    return material
+        )
+    ]
+    if properties.passphrase(text) is None:
+        data = properties.with_passphrase(text, passphrase).encode()
+        writes.append((properties_file, data, 0o600, None, None))
+    writes.append((keystore_file, store.dump(key, chain, passphrase), 0o600, None, None))
+    return Installation(material, writes)
 
 
 def _read_properties(path: str, missing_ok: bool) -> str:
@@ -109,32 +165,51 @@ def _decode(encoded: str, what: str) -> bytes:
         ) from None
 
 
+def target_paths(keystore_file: str, cert_file: str, ca_file: str, key_file: str) -> list[str]:
+    """Every file an import replaces (the properties file aside), the keystore last."""
+    targets = _pem_targets(keystore_file, cert_file, ca_file, key_file)
+    return [path for path, _, _, _ in targets] + [keystore_file]
+
+
 def _pem_files(
     material: Material, keystore_file: str, cert_file: str, ca_file: str, key_file: str
 ) -> list[tuple[str, bytes, int, int | None]]:
     """Every PEM file to write: (path, data, mode, group), each path once."""
-    leaf = pki.certificate_pem(material.chain[:1])
-    served = pki.certificate_pem(material.chain[:-1] or material.chain)  # leaf + intermediates
-    key = pki.key_pem(material.key)
+    data = {
+        "leaf": pki.certificate_pem(material.chain[:1]),
+        "served": pki.certificate_pem(material.chain[:-1] or material.chain),  # + intermediates
+        "cas": material.cas,
+        "key": pki.key_pem(material.key),
+    }
+    return [
+        (path, data[what], mode, group)
+        for path, what, mode, group in _pem_targets(keystore_file, cert_file, ca_file, key_file)
+    ]
+
+
+def _pem_targets(
+    keystore_file: str, cert_file: str, ca_file: str, key_file: str
+) -> list[tuple[str, str, int, int | None]]:
+    """Every PEM file an import writes: (path, what it holds, mode, group), each path once."""
     beside = os.path.dirname(os.path.abspath(keystore_file))
     files = [
-        (cert_file, leaf, 0o644, None),
-        (ca_file, material.cas, 0o644, None),
-        (key_file, key, 0o600, None),
-        (os.path.join(beside, "cloud.crt"), leaf, 0o644, None),
-        (os.path.join(beside, "cloud.ca.crt"), material.cas, 0o644, None),
-        (os.path.join(beside, "cloud.key"), key, 0o600, None),
+        (cert_file, "leaf", 0o644, None),
+        (ca_file, "cas", 0o644, None),
+        (key_file, "key", 0o600, None),
+        (os.path.join(beside, "cloud.crt"), "leaf", 0o644, None),
+        (os.path.join(beside, "cloud.ca.crt"), "cas", 0o644, None),
+        (os.path.join(beside, "cloud.key"), "key", 0o600, None),
     ]
     if os.path.exists(paths.libvirtd_conf()):
         qemu_group = _qemu_group()
         for role, path in paths.tls_files().items():
             if role.endswith(" ca"):
-                files.append((path, material.cas, 0o644, None))
+                files.append((path, "cas", 0o644, None))
             elif role.endswith(" cert"):
-                files.append((path, served, 0o644, None))
+                files.append((path, "served", 0o644, None))
             else:
-                files.append((path, key, 0o640 if qemu_group is not None else 0o600, qemu_group))
-    unique: dict[str, tuple[str, bytes, int, int | None]] = {}
+                files.append((path, "key", 0o640 if qemu_group is not None else 0o600, qemu_group))
+    unique: dict[str, tuple[str, str, int, int | None]] = {}
     for entry in files:
         unique.setdefault(os.path.realpath(entry[0]), entry)
     return list(unique.values())

@@ -29,6 +29,8 @@ from kvmhook.errors import ControllerError, ControllerUnreachable
 SECTION = "controller"
 SETTINGS = ("endpoints", "api_key", "secret", "host", "verify", "timeout")
 DEFAULT_TIMEOUT = 30
+# Days before expiry when the controller's CA framework alerts or renews (cluster scope).
+EXPIRY_ALERT_PERIOD = "ca.framework.cert.expiry.alert.period"
 
 # Resource ids in the API are UUIDs; anything else in `host =` is a name.
 _UUID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", re.IGNORECASE)
@@ -120,16 +122,49 @@ class Controller:
         )
         return answer.get("capacity", [])
 
+    def issue_certificate(self, csr: str, timeout: float = 600) -> tuple[str, str]:
+        """(certificate, CA certificates), PEM, that the controller's CA issues for `csr` (PEM).
+
+        issueCertificate takes the names from the CSR; its async job answers
+        with CertificateResponse (`certificate`, `cacertificates`).
+        """
+        issued = self._job("issueCertificate", timeout, csr=csr).get("certificates") or {}
+        certificate = issued.get("certificate")
+        if not certificate:
+            raise ControllerError("issueCertificate answered without a certificate")
+        return certificate, issued.get("cacertificates") or ""
+
+    def expiry_alert_period(self) -> int:
+        """ca.framework.cert.expiry.alert.period for this host's cluster, in days."""
+        cluster_id = self.host()["clusterid"]
+        found = self._call("listConfigurations", name=EXPIRY_ALERT_PERIOD, clusterid=cluster_id)
+        # The name is matched as a substring: pick the setting itself.
+        values = [
+            setting.get("value")
+            for setting in found.get("configuration", [])
+            if setting.get("name") == EXPIRY_ALERT_PERIOD
+        ]
+        if not values:
+            raise ControllerError(f"the controller has no setting {EXPIRY_ALERT_PERIOD}")
+        value = str(values[0])
+        if not value.isdigit():
+            raise ControllerError(f"{EXPIRY_ALERT_PERIOD} is {value!r}, not a number of days")
+        return int(value)
+
     def _host_job(self, command: str, timeout: float) -> dict[str, Any]:
         """Run the async `command` on this host; the host from its result, within `timeout`."""
+        return self._job(command, timeout, id=self.host()["id"])["host"]
+
+    def _job(self, command: str, timeout: float, **params: str) -> dict[str, Any]:
+        """Run the async `command`; its job's result, within `timeout`."""
         deadline = time.monotonic() + timeout
-        jobid = self._call(command, id=self.host()["id"])["jobid"]
+        jobid = self._call(command, **params)["jobid"]
         pause = _FIRST_PAUSE
         while True:
             # A job id is good on every management server: they share one database.
             job = self._call("queryAsyncJobResult", jobid=jobid)
             if job["jobstatus"] == _SUCCEEDED:
-                return job["jobresult"]["host"]
+                return job["jobresult"]
             if job["jobstatus"] != _PENDING:
                 raise ControllerError(f"{command} failed: {_job_error(job)}")
             left = deadline - time.monotonic()

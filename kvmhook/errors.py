@@ -83,3 +83,27 @@ class DrainCancelledError(MaintenanceError):
 
 class StateFileError(MaintenanceError):
     """The maintenance state file cannot be written (it lives under /var/lib/kvmhook)."""
+
+
+class RotationError(KvmhookError):
+    """A renewal or rollback stopped before it changed anything; the message says why."""
+
+
+class RenewalBusyError(RotationError):
+    """Another renewal or rollback held the lock for longer than this one would wait."""
+
+
+class ReloadError(RotationError):
+    """The daemon did not load the new TLS files, or a fresh handshake shows another certificate."""
+
+
+class CannotReloadOnlineError(ReloadError):
+    """This libvirt cannot load new TLS files without a restart (no virt-admin, libvirt < 6.2)."""
+
+
+class RolledBackError(RotationError):
+    """The new set was installed but not served: the previous set is back in place and served."""
+
+
+class RollbackFailedError(RotationError):
+    """Putting the previous set back failed too: the message says what the host holds now."""

@@ -118,3 +118,17 @@ def qemu_status_dir() -> str:
 def qemu_hook_dir() -> str:
     """libvirt's own hook directory (libvirt >= 6.5 runs every executable in it per guest)."""
     return under_root("/etc/libvirt/hooks/qemu.d")
+
+
+def cert_renew_lock() -> str:
+    """The lock that keeps two certificate renewals (or rollbacks) from interleaving.
+
+    Under /run: a lock needs no history, and a reboot clears it.
+    """
+    return under_root("/run/kvmhook/cert-renew.lock")
+
+
+def libvirt_admin_socket(daemon: str) -> str:
+    """The admin socket a running `daemon` (libvirtd, virtproxyd) listens on for virt-admin."""
+    name = "libvirt" if daemon == "libvirtd" else daemon
+    return under_root(f"/run/libvirt/{name}-admin-sock")

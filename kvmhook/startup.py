@@ -220,12 +220,17 @@ def restart_hint(found: Startup, listen: bool) -> str:
 
 def restart(found: Startup, listen: bool) -> list[str]:
     """Run the restart plan; the commands run. TlsError when systemd does not run this root."""
-    if not _systemd_runs_root():
-        raise TlsError(f"not restarted ({_no_systemd()}): {restart_hint(found, listen)}")
+    check_restart(found, listen)
     plan = restart_plan(found, listen)
     for args in plan:
         _systemctl(args)
     return [_command(args) for args in plan]
+
+
+def check_restart(found: Startup, listen: bool) -> None:
+    """TlsError, before anything is done, when restart() could not run here."""
+    if not _systemd_runs_root():
+        raise TlsError(f"not restarted ({_no_systemd()}): {restart_hint(found, listen)}")
 
 
 def _systemd_runs_root() -> bool:

@@ -21,9 +21,11 @@ import ssl
 import stat
 from typing import Callable
 
+from cryptography import x509
+
 from keystore import setup
-from kvmhook import certificates, paths, startup
-from kvmhook.errors import TlsError
+from kvmhook import certificates, paths, process, startup
+from kvmhook.errors import CannotReloadOnlineError, ReloadError, TlsError
 from kvmhook.files import Transaction
 from kvmhook.libvirtconf import ConfFile, quote
 
@@ -43,6 +45,10 @@ _TLS_AUTH = ("none", "sasl")
 _FORCE_KEY = re.compile(r"^\s*#?\s*migrate_tls_force\s*=", re.MULTILINE)
 _FORCE_SINCE = 6_009_000  # libvirt 6.9 added migrate_tls_force
 _CODEC = ("utf-8", "surrogateescape")  # whatever bytes a file holds are written back as they were
+_UPDATE_TLS_SINCE = (6, 2, 0)  # virt-admin server-update-tls
+# How virt-admin or an older daemon says it has no server-update-tls.
+_UNSUPPORTED = ("unknown command", "unknown procedure", "not supported")
+_VIRT_ADMIN_TIMEOUT = 30.0
 
 
 class Item:
@@ -156,18 +162,10 @@ def _startup_check(found: startup.Startup) -> tuple[bool, str]:
 
 
 def _handshake_check(conf_path: str) -> tuple[bool, str]:
-    try:
-        conf = ConfFile(_read(conf_path))
-    except TlsError:
-        conf = ConfFile("")  # libvirt's defaults; the configuration's own item says why
-    port = _string(conf.get("tls_port") or str(DEFAULT_PORT))
-    listen = _string(conf.get("listen_addr") or "")
-    # Loopback unless libvirtd is bound to one address: no DNS, no firewall in the way.
-    address = listen if listen not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    name = setup.fqdn()
+    address, port, name = endpoint(conf_path)
     where = f"{address} port {port} as {name}"
     try:
-        version = _handshake(address, port, name)
+        version, _ = _handshake(address, port, name)
     except ssl.SSLCertVerificationError as error:
         return False, f"{where}: the server's certificate does not verify: {error.verify_message}"
     except ssl.SSLError as error:
@@ -177,29 +175,117 @@ def _handshake_check(conf_path: str) -> tuple[bool, str]:
     return True, f"{where}: {version} with our CA, our client certificate accepted"
 
 
-def _handshake(address: str, port: str, name: str) -> str:
-    """The protocol version of a TLS handshake made as a peer's libvirt would make it.
+def endpoint(conf_path: str) -> tuple[str, str, str]:
+    """(address, port, name) to reach the daemon configured by `conf_path` over TLS."""
+    try:
+        conf = ConfFile(_read(conf_path))
+    except TlsError:
+        conf = ConfFile("")  # libvirt's defaults; the configuration's own item says why
+    port = _string(conf.get("tls_port") or str(DEFAULT_PORT))
+    listen = _string(conf.get("listen_addr") or "")
+    # Loopback unless libvirtd is bound to one address: no DNS, no firewall in the way.
+    address = listen if listen not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    return address, port, setup.fqdn()
+
+
+def served_certificate(conf_path: str, verify: bool) -> x509.Certificate:
+    """The certificate the daemon presents to a new TLS connection now.
+
+    With `verify`, the handshake is a peer libvirt's (our CA, the name, our
+    client certificate accepted), so it also proves the served chain works.
+    Raises OSError (ssl.SSLError included) when it fails, TlsError when a file is missing.
+    """
+    address, port, name = endpoint(conf_path)
+    return x509.load_der_x509_certificate(_handshake(address, port, name, verify)[1])
+
+
+def _handshake(address: str, port: str, name: str, verify: bool = True) -> tuple[str, bytes]:
+    """The protocol version and the server's certificate (DER) of a TLS handshake made as a
+    peer's libvirt would make it; without `verify`, whatever the server presents is taken.
 
     Raises OSError (ssl.SSLError included) when it fails, TlsError when a file is missing.
     """
     tls = paths.tls_files()
     ca, cert, key = tls["libvirt ca"], tls["libvirt client cert"], tls["libvirt client key"]
-    for path in (ca, cert, key):
+    for path in (ca, cert, key) if verify else (cert, key):
         if not os.path.exists(path):  # ssl's own error would not name the file
             raise TlsError(f"{path} does not exist")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
-    context.load_verify_locations(ca)
+    if verify:
+        context.load_verify_locations(ca)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    # Presented either way: under TLS 1.2 a server that requires one ends the handshake
+    # before the client has seen its certificate.
     context.load_cert_chain(cert, key)
     raw = socket.create_connection((address, port), timeout=_HANDSHAKE_TIMEOUT)
     with raw, context.wrap_socket(raw, server_hostname=name) as connection:
+        served = connection.getpeercert(binary_form=True)
+        version = str(connection.version())
+        if not verify:
+            return version, served
         connection.settimeout(_VERDICT_WAIT)
         try:
             said = connection.recv(1)
         except socket.timeout:
-            return str(connection.version())
+            return version, served
         if not said:
             raise ConnectionError("the server closed the connection after the handshake")
-        return str(connection.version())
+        return version, served
+
+
+def reload(daemon: str) -> None:
+    """Make the running `daemon` (libvirtd, virtproxyd) load its CA, certificate and key again.
+
+    No restart: guests, connections and the pid stay. CannotReloadOnlineError
+    when virt-admin or the daemon lacks server-update-tls, ReloadError when
+    the daemon refused the files (it then keeps serving the ones it had).
+    """
+    outcome = _virt_admin(daemon, "server-update-tls", daemon)
+    if outcome.status != 0:
+        said = outcome.said() or outcome.ending
+        if any(sign in said for sign in _UNSUPPORTED):
+            raise CannotReloadOnlineError(f"{daemon} cannot reload its TLS files online: {said}")
+        raise ReloadError(f"virt-admin server-update-tls {daemon} failed: {said}")
+
+
+def check_reloadable(daemon: str) -> None:
+    """CannotReloadOnlineError unless virt-admin can make the running `daemon` reload TLS."""
+    outcome = _virt_admin(daemon, "version")
+    said = outcome.said()
+    if outcome.status != 0:
+        raise ReloadError(f"virt-admin cannot reach {daemon}: {said or outcome.ending}")
+    found = re.search(r"Running against daemon: (\d+)\.(\d+)\.(\d+)", said)
+    if found is None:
+        raise ReloadError(f"virt-admin did not say {daemon}'s version: {said}")
+    version = tuple(int(part) for part in found.groups())
+    if version < _UPDATE_TLS_SINCE:
+        raise CannotReloadOnlineError(
+            f"{daemon} {'.'.join(found.groups())} cannot reload its TLS files online "
+            "(server-update-tls came with libvirt 6.2)"
+        )
+
+
+def is_running(daemon: str) -> bool:
+    """Whether `daemon` runs here: its admin socket exists (under the root prefix too)."""
+    try:
+        return stat.S_ISSOCK(os.stat(paths.libvirt_admin_socket(daemon)).st_mode)
+    except OSError:
+        return False
+
+
+def _virt_admin(daemon: str, *args: str) -> process.Outcome:
+    # The socket named, so that under KVMHOOK_ROOT it is that root's daemon, not this host's.
+    uri = f"{daemon}:///system?socket={paths.libvirt_admin_socket(daemon)}"
+    try:
+        return process.run_tool(["virt-admin", "-c", uri, *args], _VIRT_ADMIN_TIMEOUT)
+    except FileNotFoundError:
+        raise CannotReloadOnlineError(
+            "virt-admin is not installed (libvirt-clients): it makes libvirt reload TLS online"
+        ) from None
+    except OSError as error:
+        raise ReloadError(f"cannot run virt-admin: {error.strerror}") from None
 
 
 def _qemu_conf_check(path: str) -> tuple[bool, str]:

@@ -6,8 +6,12 @@ client (kvmhook.controller) asks. What it covers, after the API reference
 and the management server's own code (ApiServer):
 
 - commands: listHosts (by id, name, type), listClusters (by id), listCapacity
-  (by zoneid, podid, clusterid), prepareHostForMaintenance and
-  cancelHostMaintenance (async: a job id, then queryAsyncJobResult). JSON
+  (by zoneid, podid, clusterid), listConfigurations (by name, as a substring,
+  and clusterid: the cluster's own value first), prepareHostForMaintenance,
+  cancelHostMaintenance and issueCertificate with a CSR (async: a job id,
+  then queryAsyncJobResult; the certificate from `ca`, a testca.Authority,
+  with the CSR's subject and names, answered as CertificateResponse,
+  `{"certificates": {"certificate": ..., "cacertificates": ...}}`). JSON
   shapes as the reference gives them: `{"listhostsresponse": {"count": 1,
   "host": [...]}}`, an empty list as `{}`, over-commit ratios as strings,
   `{"jobstatus": 0|1|2, "jobresultcode": ..., "jobresult": {"host": {...}}}`;
@@ -45,9 +49,13 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
+import testca
+
 API_PATH = "/client/api"
+EXPIRY_ALERT_PERIOD = "ca.framework.cert.expiry.alert.period"
 BAD_SIGNATURE = "unable to verify user credentials and/or request signature"
 MAINTENANCE_STATES = (
     "PrepareForMaintenance",
@@ -86,13 +94,14 @@ class ApiError(Exception):
 
 
 class Job:
-    """An async job: done after `polls` queries, then the same answer every time."""
+    """An async job: done after `polls` queries (`finish` gives its answer), then the same
+    answer every time."""
 
-    def __init__(self, command: str, host: dict, polls: int) -> None:
+    def __init__(self, command: str, polls: int, finish: Callable[[], dict]) -> None:
         self.id = str(uuid.uuid4())
         self.command = command
-        self.host = host
         self.polls = polls
+        self.finish = finish
         self.answer: dict | None = None
 
 
@@ -116,6 +125,13 @@ class FakeController:
         self.clusters: list[dict] = []
         self.capacities: list[dict] = []
         self.jobs: dict[str, Job] = {}
+        # issueCertificate's CA (a testca.Authority); None: the job fails, as with no provider.
+        self.ca = None
+        self.certificate_days = 365
+        self.csrs: list[str] = []  # every CSR issueCertificate received
+        # listConfigurations: global values, and per (cluster id, name) values.
+        self.configurations: dict[str, str] = {EXPIRY_ALERT_PERIOD: "15"}
+        self.cluster_configurations: dict[tuple[str, str], str] = {}
         self._drains: dict[str, int] = {}  # host id → listHosts left before the drain ends
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -257,9 +273,60 @@ class FakeController:
         if not hosts:
             command, value = params["command"].lower(), params.get("id")
             raise ApiError(431, f"Unable to execute API command {command}: no host with id {value}")
-        job = Job(params["command"], hosts[0], self.job_polls)
+        host, command = hosts[0], params["command"]
+        job = Job(command, self.job_polls, lambda: self._finish(command, host))
         self.jobs[job.id] = job
         return {"jobid": job.id}
+
+    def _issue_certificate(self, params: dict[str, str]) -> dict:
+        csr = params.get("csr", "")
+        if not csr:
+            raise ApiError(431, "Please provide the domains or the CSR, none of them are provided")
+        self.csrs.append(csr)
+        job = Job("issueCertificate", self.job_polls, lambda: self._sign(csr))
+        self.jobs[job.id] = job
+        return {"jobid": job.id}
+
+    def _sign(self, csr: str) -> dict:
+        """The finished issueCertificate job: CertificateResponse, object name `certificates`."""
+        if self.ca is None:
+            text = "Failed to issue client certificate with given provider"
+            return _failed_job(530, text)
+        try:
+            cert = self.ca.sign_csr(
+                csr.encode(), not_after=testca.now() + self.certificate_days * testca.DAY
+            )
+        except ValueError as error:
+            return _failed_job(530, f"Failed to parse the CSR: {error}")
+        issued = {
+            "certificate": testca.pem(cert).decode(),
+            "cacertificates": self.ca.bundle().decode(),
+        }
+        return {
+            "jobstatus": 1,
+            "jobresultcode": 0,
+            "jobresulttype": "object",
+            "jobresult": {"certificates": issued},
+        }
+
+    def _list_configurations(self, params: dict[str, str]) -> dict:
+        # The server matches the name as a substring; a cluster's own value comes first.
+        wanted, cluster = params.get("name", ""), params.get("clusterid")
+        found = []
+        for name, value in self.configurations.items():
+            if wanted not in name:
+                continue
+            scoped = self.cluster_configurations.get((cluster, name)) if cluster else None
+            found.append(
+                {
+                    "category": "Advanced",
+                    "name": name,
+                    "value": value if scoped is None else scoped,
+                    "scope": "cluster" if cluster else None,
+                    "isdynamic": True,
+                }
+            )
+        return _listing("configuration", found)
 
     def _query_job(self, params: dict[str, str]) -> dict:
         job = self.jobs.get(params.get("jobid", ""))
@@ -267,29 +334,23 @@ class FakeController:
             raise ApiError(431, f"Unable to find a job with id {params.get('jobid')}")
         job.polls -= 1
         if job.answer is None and job.polls <= 0:
-            job.answer = self._finish(job)
+            job.answer = job.finish()
         common = {"jobid": job.id, "cmd": job.command, "jobprocstatus": 0}
         if job.answer is None:
             return {**common, "jobstatus": 0, "jobresultcode": 0}
         return {**common, **job.answer}
 
-    def _finish(self, job: Job) -> dict:
-        host = job.host
+    def _finish(self, command: str, host: dict) -> dict:
         state = host["resourcestate"]
-        if job.command == "prepareHostForMaintenance" and state in ("Enabled", "Disabled"):
+        if command == "prepareHostForMaintenance" and state in ("Enabled", "Disabled"):
             host["resourcestate"] = "PrepareForMaintenance"
             self._drains[host["id"]] = self.drain_polls
-        elif job.command == "cancelHostMaintenance" and state in MAINTENANCE_STATES:
+        elif command == "cancelHostMaintenance" and state in MAINTENANCE_STATES:
             host["resourcestate"] = "Enabled"
             self._drains.pop(host["id"], None)
         else:
-            text = f"Host {host['id']} is in resource state {state}: {job.command} is not allowed"
-            return {
-                "jobstatus": 2,
-                "jobresultcode": 530,
-                "jobresulttype": "object",
-                "jobresult": {"errorcode": 530, "errortext": text},
-            }
+            text = f"Host {host['id']} is in resource state {state}: {command} is not allowed"
+            return _failed_job(530, text)
         return {
             "jobstatus": 1,
             "jobresultcode": 0,
@@ -305,7 +366,18 @@ _COMMANDS = {
     "prepareHostForMaintenance": FakeController._start_job,
     "cancelHostMaintenance": FakeController._start_job,
     "queryAsyncJobResult": FakeController._query_job,
+    "issueCertificate": FakeController._issue_certificate,
+    "listConfigurations": FakeController._list_configurations,
 }
+
+
+def _failed_job(code: int, text: str) -> dict:
+    return {
+        "jobstatus": 2,
+        "jobresultcode": code,
+        "jobresulttype": "object",
+        "jobresult": {"errorcode": code, "errortext": text},
+    }
 
 
 def _matching(items: list[dict], params: dict[str, str], keys: tuple[str, ...]) -> list[dict]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Callable
 
 import click
 
-from kvmhook import certificates, paths, pki
+from kvmhook import certificates, paths
 from kvmhook.cli.options import agent_dir_option
 from kvmhook.errors import KvmhookError
 
@@ -62,15 +64,62 @@ def _yes_no(value: bool | None) -> str:
     return "unknown" if value is None else "yes" if value else "NO"
 
 
-@cert.command(
-    epilog="Example: kvmhook cert renew --signer 'ssh ca.example.org sign-host-csr'",
-)
+_RENEW_EPILOG = """\b
+Examples:
+  kvmhook cert renew --if-expiring-within auto          # the timer's run: the controller signs
+  kvmhook cert renew --signer 'ssh ca.example.org sign-host-csr'
+  kvmhook cert renew --if-expiring-within 30 --dry-run
+
+\b
+Exit codes: 0 renewed, not due, or dry run; 1 failed, nothing changed;
+2 usage; 3 the new set was installed but not served, and the previous set
+is back in place and served; 4 putting the previous set back failed too.
+"""
+
+
+def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise click.BadParameter(f"{value!r} is neither a whole number of days nor auto")
+    return int(value)
+
+
+@cert.command(epilog=_RENEW_EPILOG)
 @agent_dir_option
 @click.option(
+    "--if-expiring-within",
+    "within",
+    metavar="DAYS|auto",
+    callback=_days,
+    help="Renew only if the certificate expires within DAYS days; auto: the controller's "
+    "ca.framework.cert.expiry.alert.period for this host's cluster, else 15. "
+    "Without it, renew now.",
+)
+@click.option(
     "--signer",
-    required=True,
     help="Shell command that reads the CSR on stdin and prints the certificate, then the CA(s).",
 )
+@click.option(
+    "--controller",
+    "use_controller",
+    is_flag=True,
+    help="Have the controller's CA sign the CSR (issueCertificate); the default when "
+    "controller.conf exists and no --signer is given.",
+)
+@click.option(
+    "--reload/--no-reload",
+    default=True,
+    show_default=True,
+    help="Make the running libvirtd (or virtproxyd) load the new files online "
+    "(virt-admin server-update-tls) and check the new serial is served.",
+)
+@click.option(
+    "--allow-restart",
+    is_flag=True,
+    help="Restart the daemon (systemd) when it cannot reload its TLS files online.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be done; change and sign nothing.")
 @click.option(
     "--days",
     type=click.IntRange(min=1),
@@ -79,20 +128,84 @@ def _yes_no(value: bool | None) -> str:
     help="Validity of the placeholder until the signed certificate is imported.",
 )
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
-@click.option("--restart", is_flag=True, help="Make a running libvirtd load the new TLS files.")
-def renew(agent_dir: str | None, signer: str, days: int, key_type: str, restart: bool) -> None:
-    """Rotate the agent's key and certificate: a new key and CSR, signed by
-    --signer, checked and imported (keystore, cloud.crt/key/ca.crt and, when
-    libvirtd is configured, its TLS files). The installed certificate stays
-    until the new one is in place: a failing signer changes nothing."""
-    from keystore import certimport
+@click.option("--restart", is_flag=True, help="The earlier name of --reload (the default).")
+def renew(
+    agent_dir: str | None,
+    within: int | str | None,
+    signer: str | None,
+    use_controller: bool,
+    reload: bool,
+    allow_restart: bool,
+    dry_run: bool,
+    days: int,
+    key_type: str,
+    restart: bool,
+) -> None:
+    """Rotate the agent's key and certificate without restarting anything: a
+    new key and CSR, signed by --signer or the controller, checked as
+    keystore-cert-import checks and installed with it (keystore,
+    cloud.crt/key/ca.crt and, when libvirtd is configured, its and QEMU's TLS
+    files), each file replaced atomically beside a FILE.prev copy of the
+    previous one. Then the running daemon reloads its TLS files and a fresh
+    handshake on its TLS port must present the new serial; if not, the
+    previous set is put back and reloaded. Renewals and rollbacks wait for
+    each other (a lock in /run/kvmhook)."""
     from kvmhook import rotation
 
+    if signer is not None and use_controller:
+        raise click.UsageError("--signer and --controller exclude each other: choose one signer")
+    if restart and not reload:
+        raise click.UsageError("--restart (the earlier name of --reload) contradicts --no-reload")
+    if signer is not None:
+        chosen = functools.partial(rotation.command_signer, signer)
+    elif use_controller:
+        chosen = rotation.controller_signer
+    else:
+        chosen = rotation.default_signer
+    say = functools.partial(click.echo, err=True)
+    _report(
+        lambda: rotation.renew(
+            agent_dir or paths.agent_dir(),
+            chosen,
+            functools.partial(rotation.alert_period, say) if within == "auto" else within,
+            reload=reload,
+            allow_restart=allow_restart,
+            dry_run=dry_run,
+            validity_days=days,
+            key_type=key_type,
+            say=say,
+        )
+    )
+
+
+@cert.command(epilog="Example: kvmhook cert rollback && kvmhook tls status")
+@agent_dir_option
+@click.option(
+    "--allow-restart",
+    is_flag=True,
+    help="Restart the daemon (systemd) when it cannot reload its TLS files online.",
+)
+def rollback(agent_dir: str | None, allow_restart: bool) -> None:
+    """Put back the set the last renewal replaced (every FILE.prev), after
+    checking it is whole and valid, and make the running daemon serve it
+    (same checks and exit codes as renew). The set rolled back from becomes
+    the FILE.prev set: rolling back again returns to it."""
+    from kvmhook import rotation
+
+    say = functools.partial(click.echo, err=True)
+    _report(lambda: rotation.rollback(agent_dir or paths.agent_dir(), allow_restart, say=say))
+
+
+def _report(action: Callable[[], str]) -> None:
+    """Run a rotation and print its one line; its failure becomes one line and an exit code."""
+    from kvmhook.errors import RollbackFailedError, RolledBackError
+
     try:
-        material = rotation.renew(agent_dir or paths.agent_dir(), signer, days, key_type)
-        if restart:
-            certimport.reload_libvirt_tls()
+        click.echo(action())
     except KvmhookError as error:
-        raise click.ClickException(str(error)) from None
-    leaf = material.chain[0]
-    click.echo(f"renewed: {leaf.subject.rfc4514_string()}, valid until {pki.not_after(leaf)} UTC")
+        failure = click.ClickException(" ".join(str(error).split()))
+        if isinstance(error, RolledBackError):
+            failure.exit_code = 3
+        elif isinstance(error, RollbackFailedError):
+            failure.exit_code = 4
+        raise failure from None
