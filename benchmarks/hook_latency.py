@@ -51,7 +51,8 @@ def libvirt_env(root: Path) -> dict[str, str]:
 def wall(argv: list[str], env: dict[str, str], stdin: Path) -> float:
     with stdin.open("rb") as source:
         start = time.perf_counter()
-        subprocess.run(argv, stdin=source, env=env, check=True)
+        # stdout discarded: a hook printing rewritten XML must not flood the terminal.
+        subprocess.run(argv, stdin=source, stdout=subprocess.DEVNULL, env=env, check=True)
         return time.perf_counter() - start
 
 

@@ -37,3 +37,29 @@ def test_hook_latency_benchmark_reports_every_figure():
     assert all(value > 0 for value in figures["median_ms"].values())
     assert figures["startup_ratio"] > 0
     assert all(value > 0 for value in figures["peak_rss_mib"].values())
+
+
+def test_hook_features_benchmark_reports_every_figure():
+    """A tiny run of benchmarks/hook_features.py yields a pair for each feature, and the
+    comparison with another commit of the hook."""
+    script = str(REPO / "benchmarks/hook_features.py")
+    result = subprocess.run(
+        [sys.executable, script, "--runs", "1", "--against", "HEAD", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    figures = json.loads(result.stdout)["figures"]
+    assert set(figures) == {
+        "kvmhook.conf, other settings only (start)",
+        "veto policy on (start)",
+        "admission enforced (prepare)",
+        "per-guest script (start)",
+        "rewrite outbox (migrate vs start)",
+        "XML rewritten (migrate)",
+        "this tree vs HEAD, no kvmhook.conf, no script (start)",
+        "this tree vs HEAD, no kvmhook.conf, one script (start)",
+    }
+    for figure in figures.values():
+        assert figure["feature_ms"] > 0 and figure["baseline_ms"] > 0, figure
