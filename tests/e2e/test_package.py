@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import systemdunits
 from harness import (
     CUSTOM,
     GUEST_PREFIX,
@@ -28,6 +30,9 @@ PREVIOUS = Path("/etc/libvirt/hooks/qemu.pre-kvmhook")
 CHAIN = CUSTOM / "all_00-previous-qemu-hook"
 LOGROTATE = Path("/etc/logrotate.d/kvmhook")
 XML = b"<domain><name>pkgtest</name></domain>"
+UNITDIR = Path("/lib/systemd/system")
+RENEW_SETTINGS = Path("/etc/default/kvmhook-cert-renew")
+TIMER_WANTS = Path("/etc/systemd/system/timers.target.wants", systemdunits.TIMER)
 
 
 @pytest.fixture
@@ -192,3 +197,78 @@ def test_package_installs_man_pages_and_bash_completions(clean_host, debs):
         'COMP_WORDS=(kvmhook cert ""); COMP_CWORD=2; _kvmhook; echo "${COMPREPLY[*]}"',
     ).stdout
     assert completed.split() == ["renew", "status"]
+
+
+def timer_state() -> str:
+    """`systemctl is-enabled` of the renewal timer, read from the unit files (no PID 1 needed)."""
+    return run("systemctl", "is-enabled", systemdunits.TIMER, check=False).stdout.strip()
+
+
+def test_renewal_units_are_installed_verified_and_not_enabled(clean_host, debs):
+    """The timer and service land in /lib/systemd/system, pass systemd-analyze verify,
+    and neither install nor upgrade enables the timer."""
+    apt_install(debs[1])
+    listing = run("dpkg", "-L", "kvmhook").stdout.splitlines()
+    for name in systemdunits.UNITS:
+        assert str(UNITDIR / name) in listing, name
+        assert (UNITDIR / name).read_bytes() == (systemdunits.SOURCE / name).read_bytes()
+    systemdunits.check_contract(
+        (UNITDIR / systemdunits.SERVICE).read_text(), (UNITDIR / systemdunits.TIMER).read_text()
+    )
+    assert str(RENEW_SETTINGS) in run("dpkg-query", "-W", "-f=${Conffiles}", "kvmhook").stdout
+    assert RENEW_SETTINGS.read_bytes() == systemdunits.SETTINGS.read_bytes()
+    assert not TIMER_WANTS.is_symlink() and timer_state() == "disabled"
+    apt_install(debs[2])
+    assert not TIMER_WANTS.is_symlink() and timer_state() == "disabled"
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    assert systemdunits.verify(*(UNITDIR / name for name in systemdunits.UNITS)) == ""
+
+
+def test_an_enabled_timer_survives_upgrade_and_remove_and_purge_forgets_it(clean_host, debs):
+    """The operator's `systemctl enable` holds over an upgrade and a remove; purge disables."""
+    apt_install(debs[1])
+    try:
+        run("systemctl", "enable", systemdunits.TIMER)
+        assert TIMER_WANTS.is_symlink() and timer_state() == "enabled"
+        apt_install(debs[2])
+        assert TIMER_WANTS.is_symlink() and timer_state() == "enabled"
+        apt("remove", "kvmhook")
+        apt_install(debs[2])
+        assert TIMER_WANTS.is_symlink() and timer_state() == "enabled"
+        apt("purge", "kvmhook")
+        assert not TIMER_WANTS.is_symlink()
+        apt_install(debs[1])
+        assert not TIMER_WANTS.is_symlink() and timer_state() == "disabled"
+    finally:
+        TIMER_WANTS.unlink(missing_ok=True)
+
+
+def test_renewal_service_command_line_parses_with_the_installed_kvmhook(clean_host, debs):
+    """The service's command line, as shipped and with the settings file's examples
+    uncommented, is one the installed `kvmhook cert renew` accepts."""
+    apt_install(debs[1])
+    service = (UNITDIR / systemdunits.SERVICE).read_text()
+    examples = systemdunits.examples(RENEW_SETTINGS.read_text())
+    for argv in (systemdunits.exec_argv(service), systemdunits.exec_argv(service, examples)):
+        shown = run(*argv, "--help")
+        assert "--if-expiring-within" in shown.stdout, argv
+
+
+def test_renewal_service_run_when_not_due_says_one_line_and_exits_0(clean_host, debs, tmp_path):
+    """What a timer run logs on a host whose certificate is far from expiry: one line, exit 0."""
+    apt_install(debs[1])
+    agent = tmp_path / "agent"
+    agent.mkdir()
+    run(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "300",
+        "-subj", "/CN=kvmhook-e2e", "-keyout", str(agent / "cloud.key"),
+        "-out", str(agent / "cloud.crt"),
+    )  # fmt: skip
+    before = {path.name: path.read_bytes() for path in agent.iterdir()}
+    argv = systemdunits.exec_argv((UNITDIR / systemdunits.SERVICE).read_text())
+    result = run(*argv, "--agent-dir", str(agent), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = (result.stdout + result.stderr).strip().splitlines()
+    assert len(said) == 1, said
+    assert {path.name: path.read_bytes() for path in agent.iterdir()} == before
