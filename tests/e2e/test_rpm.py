@@ -18,12 +18,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import systemdunits
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKDIR = "/etc/libvirt/hooks"
 LAUNCHER = f"{HOOKDIR}/qemu"
 CUSTOM = f"{HOOKDIR}/custom"
 LOGROTATE = "/etc/logrotate.d/kvmhook"
+UNITDIR = "/usr/lib/systemd/system"
+RENEW_SETTINGS = "/etc/sysconfig/kvmhook-cert-renew"
 SITELIB = r"/usr/lib(64)?/python3[.\d]*/(site|dist)-packages"
 REQUIREMENTS = (
     "python3",
@@ -213,13 +216,16 @@ class Sandbox:
         stubs.mkdir()
         # `rpm -qf` prints the owner, or fails as for an unowned file.
         rpm_stub = f"echo {owner}" if owner else "echo 'file is not owned by any package'; exit 1"
-        for name, body in (("rpm", rpm_stub), ("systemctl", "exit 3"), ("pidof", "exit 1")):
+        # systemctl records its calls: `systemctl is-active` says no to everything.
+        self.systemctl_calls = root / "systemctl.calls"
+        systemctl_stub = f'echo "$*" >> {self.systemctl_calls}; exit 3'
+        for name, body in (("rpm", rpm_stub), ("systemctl", systemctl_stub), ("pidof", "exit 1")):
             (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
             (stubs / name).chmod(0o755)
         self.env = {"PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
     def scriptlet(self, tag: str, arg: int) -> subprocess.CompletedProcess:
-        """Run the scriptlet `tag` (PREIN, POSTIN, POSTUN) with $1 = arg, in the sandbox."""
+        """Run the scriptlet `tag` (PREIN, POSTIN, PREUN, POSTUN) with $1 = arg, in the sandbox."""
         body = query(self.package, "--qf", f"%{{{tag}}}")
         assert body and body != "(none)", f"the rpm has no {tag} scriptlet"
         body = body.replace(HOOKDIR, f"{self.root}{HOOKDIR}")
@@ -230,6 +236,14 @@ class Sandbox:
         script = self.root / f"{tag}.sh"
         script.write_text(body)
         return run("/bin/sh", str(script), str(arg), env=self.env)
+
+    def systemctl(self) -> list[str]:
+        """The systemctl calls so far, one string each; forgets them."""
+        if not self.systemctl_calls.exists():
+            return []
+        calls = self.systemctl_calls.read_text().splitlines()
+        self.systemctl_calls.unlink()
+        return calls
 
     def install_files(self) -> None:
         """What rpm itself does between %pre and %post: the launcher and the custom dir."""
@@ -289,3 +303,57 @@ def test_install_keeps_a_hook_owned_by_kvmhook(rpm_file, tmp_path):
     box.install_files()
     box.scriptlet("PREIN", 1)
     assert box.hook.is_file() and not box.previous.exists()
+
+
+def test_renewal_units_and_settings_are_packaged(rpm_file, payload):
+    """The timer and service are in the unit dir as packaging/systemd has them; the
+    settings file is /etc/sysconfig/kvmhook-cert-renew, %config(noreplace)."""
+    table = files(rpm_file)
+    for name in systemdunits.UNITS:
+        path = f"{UNITDIR}/{name}"
+        assert table[path] == " -rw-r--r-- root root", path
+        packaged = (payload / path.lstrip("/")).read_bytes()
+        assert packaged == (systemdunits.SOURCE / name).read_bytes(), path
+    assert table[RENEW_SETTINGS] == "cn -rw-r--r-- root root"
+    settings = payload / RENEW_SETTINGS.lstrip("/")
+    assert settings.read_bytes() == systemdunits.SETTINGS.read_bytes()
+    assert systemdunits.settings(settings.read_text()) == {}, "the defaults live in the unit"
+    unitdir = payload / UNITDIR.lstrip("/")
+    systemdunits.check_contract(
+        (unitdir / systemdunits.SERVICE).read_text(), (unitdir / systemdunits.TIMER).read_text()
+    )
+
+
+def test_renewal_units_pass_systemd_analyze_verify(payload, tmp_path):
+    """`systemd-analyze verify` has nothing to say about the packaged units (with
+    ExecStart pointed at the payload's kvmhook, as nothing is installed)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    unitdir = payload / UNITDIR.lstrip("/")
+    kvmhook = payload / "usr/bin/kvmhook"
+    assert os.access(kvmhook, os.X_OK)
+    for name in systemdunits.UNITS:
+        text = (unitdir / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/bin/kvmhook ", f"{kvmhook} "))
+    assert systemdunits.verify(*(tmp_path / name for name in systemdunits.UNITS)) == ""
+
+
+def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, tmp_path):
+    """Install and upgrade enable, preset and start nothing; erase disables and
+    stops an operator-enabled timer; an upgrade leaves it be."""
+    scripts = query(rpm_file, "--scripts")
+    assert "kvmhook-cert-renew.timer" in scripts
+    verbs = re.findall(r"systemctl\s+(?:--\S+\s+)*([a-z-]+)", scripts)
+    assert not {"enable", "preset", "start", "restart", "reenable"} & set(verbs), verbs
+
+    box = Sandbox(tmp_path, rpm_file)
+    box.scriptlet("PREIN", 1)
+    box.install_files()
+    box.scriptlet("POSTIN", 1)
+    assert not [call for call in box.systemctl() if "kvmhook-cert-renew" in call]
+    for tag, arg in (("PREIN", 2), ("POSTIN", 2), ("PREUN", 1), ("POSTUN", 1)):
+        box.scriptlet(tag, arg)
+    assert not [call for call in box.systemctl() if "kvmhook-cert-renew" in call]
+    box.scriptlet("PREUN", 0)
+    calls = box.systemctl()
+    assert any({"disable", "kvmhook-cert-renew.timer"} <= set(c.split()) for c in calls), calls
