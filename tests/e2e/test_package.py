@@ -196,7 +196,7 @@ def test_package_installs_man_pages_and_bash_completions(clean_host, debs):
         "source /usr/share/bash-completion/completions/kvmhook; "
         'COMP_WORDS=(kvmhook cert ""); COMP_CWORD=2; _kvmhook; echo "${COMPREPLY[*]}"',
     ).stdout
-    assert completed.split() == ["renew", "status"]
+    assert completed.split() == ["renew", "rollback", "status"]
 
 
 def timer_state() -> str:
