@@ -167,7 +167,7 @@ def renew(
         installation = _new_set(agent_dir, chosen, validity_days, key_type)
         new = installation.material.chain[0]
         _check_trusted(agent_dir, installation.material.chain)
-        paths_ = [path for write in installation.writes for path in (write[0], write[0] + PREVIOUS)]
+        paths_ = [path for each in installation.paths for path in (each, each + PREVIOUS)]
         served = _swap(
             lambda files: installation.stage(files, keep_previous=True), paths_, new, serving, say
         )
