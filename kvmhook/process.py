@@ -190,8 +190,11 @@ def run(
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
             ],
             setsid=True,
-            # Python ignores SIGPIPE and SIGXFSZ; a child must start with the defaults.
+            # Python ignores SIGPIPE and SIGXFSZ; a child must start with the defaults,
+            # and with no signal blocked (a caller may be deferring SIGTERM), so that a
+            # timeout's SIGTERM reaches it.
             setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
+            setsigmask=(),
         )
     except BaseException:
         for fd in (out_r, err_r):

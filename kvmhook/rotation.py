@@ -31,6 +31,7 @@ import datetime
 import fcntl
 import os
 import secrets
+import signal
 import stat
 import tempfile
 import time
@@ -247,6 +248,36 @@ def _swap(
 ) -> str:
     """Stage and commit the new files, then make the daemon serve `cert`; on failure, every
     one of `files_` goes back to what it was and the daemon serves the previous set again."""
+    with _signals_deferred():
+        return _swap_and_serve(stage, files_, cert, serving, say)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM, SIGINT and SIGHUP wait until the swap, the reload and any rollback are done.
+
+    The timer's TimeoutStartSec, a Ctrl-C or a closed terminal would otherwise
+    kill the renewal between the swap and the reload's proof, or halfway
+    through putting the previous set back: files on disk that the daemon does
+    not serve. A signal that came meanwhile acts once the set is whole again.
+    Children start with no signal blocked (process.run), so the reload's own
+    timeout still reaches virt-admin.
+    """
+    deferred = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _swap_and_serve(
+    stage: Callable[[Transaction], None],
+    files_: list[str],
+    cert: x509.Certificate,
+    serving: _Serving,
+    say: Say,
+) -> str:
     before = [_File.read(path) for path in files_]
     try:
         with Transaction() as files:

@@ -27,7 +27,7 @@ quiet_pip "$FLOOR/bin/pip" install -q --disable-pip-version-check click==7.1.2 \
 quiet_pip "$FLOOR/bin/pip" install -q --disable-pip-version-check --no-deps \
     --config-settings editable_mode=compat -e "$REPO"
 "$FLOOR/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_cli.py tests/test_cert.py tests/test_keystore.py tests/test_pki.py tests/test_migrate.py \
+    tests/test_cli.py tests/test_cert.py tests/test_rotation.py tests/test_keystore.py tests/test_pki.py tests/test_migrate.py \
     tests/test_tls_setup.py tests/test_controller.py tests/test_capacity.py tests/test_maintenance.py
 
 status=0

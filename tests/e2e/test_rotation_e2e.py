@@ -15,6 +15,8 @@ runs on a, then the guest migrates a -> b with TLS on both channels.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -118,8 +120,9 @@ class RotationHost:
         return Path(f"/run/libvirt/qemu/{self.guest}.pid").read_text().strip()
 
 
-def kvmhook(*args: str) -> subprocess.CompletedProcess:
+def kvmhook(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "KVMHOOK_ROOT"}
+    env.update(extra_env)
     return subprocess.run(
         [str(TOOLS / "kvmhook"), *args],
         capture_output=True,
@@ -251,6 +254,36 @@ def test_a_reload_failure_after_the_swap_rolls_back(fresh):
     assert fresh.set_state() == before
     assert fresh.served() == served
     assert fresh.daemon.process.pid == pid and fresh.daemon.process.poll() is None
+
+
+def test_sigterm_during_the_swap_lets_the_rollback_finish(fresh, tmp_path):
+    """SIGTERM (the timer's TimeoutStartSec, say) arriving while the daemon is told to reload a
+    certificate it will refuse: the renewal still puts the previous set back and has it served,
+    and only then dies of the signal. Killed at once, it would leave files libvirt does not
+    serve."""
+    real = shutil.which("virt-admin")
+    wrapper = tmp_path / "bin/virt-admin"
+    wrapper.parent.mkdir()
+    # Signals the renewal (virt-admin's parent) on the reload only, not on `version`.
+    wrapper.write_text(
+        f'#!/bin/sh\ncase " $* " in *" server-update-tls "*) kill -TERM "$PPID";; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    before, served = fresh.set_state(), fresh.served()
+    result = kvmhook(
+        "cert",
+        "renew",
+        "--agent-dir",
+        str(fresh.agent),
+        "--signer",
+        signer(fresh.ca_dir, "no-key-encipherment"),
+        PATH=f"{wrapper.parent}:{os.environ['PATH']}",
+    )
+    assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
+    assert "putting the previous set back" in result.stderr, result.stderr
+    assert fresh.set_state() == before
+    assert fresh.served() == served
 
 
 def test_rollback_serves_the_previous_set_again(fresh):
