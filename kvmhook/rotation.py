@@ -248,8 +248,31 @@ def _swap(
 ) -> str:
     """Stage and commit the new files, then make the daemon serve `cert`; on failure, every
     one of `files_` goes back to what it was and the daemon serves the previous set again."""
+    before = [_File.read(path) for path in files_]
     with _signals_deferred():
-        return _swap_and_serve(stage, files_, cert, serving, say)
+        try:
+            with Transaction() as files:
+                stage(files)
+        except OSError as error:
+            raise RotationError(f"cannot write {error.filename}: {error.strerror}") from None
+        try:
+            return serving.serve(cert)
+        except (KvmhookError, OSError) as error:
+            failure = _one_line(error)
+        say(f"the daemon does not serve the new files ({failure}): putting the previous set back")
+        try:
+            _restore(before)
+            if serving.previous is not None:
+                again = serving.serve(serving.previous)
+            else:
+                serving.apply()
+                again = f"{serving.daemon} loaded its previous files again"
+        except (KvmhookError, OSError) as error:
+            raise RollbackFailedError(
+                f"{failure}; then putting the previous set back failed too: {_one_line(error)};"
+                " check with `kvmhook cert status` and `kvmhook tls status`"
+            ) from None
+        raise RolledBackError(f"{failure}; rolled back: the previous files are back and {again}")
 
 
 @contextlib.contextmanager
@@ -269,39 +292,6 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _swap_and_serve(
-    stage: Callable[[Transaction], None],
-    files_: list[str],
-    cert: x509.Certificate,
-    serving: _Serving,
-    say: Say,
-) -> str:
-    before = [_File.read(path) for path in files_]
-    try:
-        with Transaction() as files:
-            stage(files)
-    except OSError as error:
-        raise RotationError(f"cannot write {error.filename}: {error.strerror}") from None
-    try:
-        return serving.serve(cert)
-    except (KvmhookError, OSError) as error:
-        failure = _one_line(error)
-    say(f"the daemon does not serve the new files ({failure}): putting the previous set back")
-    try:
-        _restore(before)
-        if serving.previous is not None:
-            again = serving.serve(serving.previous)
-        else:
-            serving.apply()
-            again = f"{serving.daemon} loaded its previous files again"
-    except (KvmhookError, OSError) as error:
-        raise RollbackFailedError(
-            f"{failure}; then putting the previous set back failed too: {_one_line(error)};"
-            " check with `kvmhook cert status` and `kvmhook tls status`"
-        ) from None
-    raise RolledBackError(f"{failure}; rolled back: the previous files are back and {again}")
 
 
 def _restore(before: list[_File]) -> None:
