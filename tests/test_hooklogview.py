@@ -9,6 +9,7 @@ import selectors
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -134,11 +135,14 @@ def test_rotated_and_gzipped_siblings_are_read_oldest_first(host):
     assert [r["domain"] for r in json_runs(host)] == ["oldest", "middle", "newest"]
 
 
-def read_until(process, selector, text: str, deadline: float) -> str:
+def read_until(process, selector, text: str, deadline: float, log: Path | None = None) -> str:
     """Lines from `process`'s stdout until one contains `text` (fails at `deadline`)."""
     seen = ""
     while text not in seen:
-        assert time.monotonic() < deadline, f"{text!r} never came; got {seen!r}"
+        assert time.monotonic() < deadline, (
+            f"{text!r} never came; got {seen!r}; the log: "
+            f"{log.read_text() if log is not None and log.exists() else None!r}"
+        )
         if selector.select(timeout=0.2):
             line = process.stdout.readline()
             assert line, f"follow exited; got {seen!r}"
@@ -162,7 +166,7 @@ def test_follow_prints_runs_appended_later_and_after_rotation(host):
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + 30
-        read_until(process, selector, " before ", deadline)
+        read_until(process, selector, " before ", deadline, host.log)
         fire(host, "after")
         assert " after " in read_until(process, selector, " after ", deadline)
         host.log.rename(f"{host.log}.1")
