@@ -9,7 +9,6 @@ import selectors
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -135,18 +134,19 @@ def test_rotated_and_gzipped_siblings_are_read_oldest_first(host):
     assert [r["domain"] for r in json_runs(host)] == ["oldest", "middle", "newest"]
 
 
-def read_until(process, selector, text: str, deadline: float, log: Path | None = None) -> str:
-    """Lines from `process`'s stdout until one contains `text` (fails at `deadline`)."""
+def read_until(process, selector, text: str, deadline: float) -> str:
+    """What `process` prints on stdout until it contains `text` (fails at `deadline`).
+
+    Raw reads of the pipe, not readline(): a buffered reader can hold the
+    next line already read from the pipe while select() waits for more.
+    """
     seen = ""
     while text not in seen:
-        assert time.monotonic() < deadline, (
-            f"{text!r} never came; got {seen!r}; the log: "
-            f"{log.read_text() if log is not None and log.exists() else None!r}"
-        )
+        assert time.monotonic() < deadline, f"{text!r} never came; got {seen!r}"
         if selector.select(timeout=0.2):
-            line = process.stdout.readline()
-            assert line, f"follow exited; got {seen!r}"
-            seen += line
+            data = os.read(process.stdout.fileno(), 65536)
+            assert data, f"follow exited; got {seen!r}"
+            seen += data.decode()
     return seen
 
 
@@ -159,14 +159,13 @@ def test_follow_prints_runs_appended_later_and_after_rotation(host):
     process = subprocess.Popen(
         [sys.executable, "-c", "from kvmhook.cli import main; main()", "hooks", "log", "-f"],
         stdout=subprocess.PIPE,
-        text=True,
         env=env,
     )
     try:
         selector = selectors.DefaultSelector()
         selector.register(process.stdout, selectors.EVENT_READ)
         deadline = time.monotonic() + 30
-        read_until(process, selector, " before ", deadline, host.log)
+        read_until(process, selector, " before ", deadline)
         fire(host, "after")
         assert " after " in read_until(process, selector, " after ", deadline)
         host.log.rename(f"{host.log}.1")
