@@ -34,38 +34,6 @@ class Material:
         self.cas = cas
 
 
-def import_certificate(
-    properties_file: str,
-    keystore_file: str,
-    cert_file: str,
-    cert_content: str,
-    ca_file: str,
-    ca_content: str,
-    key_file: str,
-    key_content: str = "",
-    new_passphrase: str | None = None,
-) -> Material:
-    """Check, then install; returns what was installed. Nothing changes on error.
-
-    `new_passphrase` (for rotation) is used, and written to the properties
-    file with the rest, when that file holds none yet.
-    """
-    installation = check(
-        properties_file,
-        keystore_file,
-        cert_file,
-        cert_content,
-        ca_file,
-        ca_content,
-        key_file,
-        key_content,
-        new_passphrase,
-    )
-    with Transaction() as files:
-        installation.stage(files)
-    return installation.material
-
-
 class Installation:
     """A checked import: what it installs and every file it writes, in order (keystore last)."""
 
@@ -78,6 +46,12 @@ class Installation:
     @property
     def paths(self) -> list[str]:
         return [write[0] for write in self.writes]
+
+    def install(self) -> Material:
+        """Write every file in one transaction (nothing changes on error); what was installed."""
+        with Transaction() as files:
+            self.stage(files)
+        return self.material
 
     def stage(self, files: Transaction, keep_previous: bool = False) -> None:
         """Stage every file; with `keep_previous`, each existing one's content goes to FILE.prev

@@ -89,7 +89,7 @@ def import_command(
     clock, then install it: keystore (renamed into place last), cloud.crt,
     cloud.key, cloud.ca.crt beside it, and libvirt's and QEMU's TLS files when
     /etc/libvirt/libvirtd.conf exists. A KEY_CONTENT replaces the keystore's key."""
-    material = certimport.import_certificate(
+    material = certimport.check(
         properties_file,
         keystore_file,
         cert_file,
@@ -98,7 +98,7 @@ def import_command(
         ca_content,
         key_file,
         key_content,
-    )
+    ).install()
     cert = material.chain[0]
     click.echo(
         f"imported {cert.subject.rfc4514_string()} (valid until {pki.not_after(cert)} UTC, "

@@ -86,7 +86,7 @@ def install_certificates(root: Path) -> None:
     key, cert = host_identity(authority)
     agent = root / "etc/cloudstack/agent"
     agent.mkdir(parents=True, exist_ok=True)
-    certimport.import_certificate(
+    certimport.check(
         str(agent / "agent.properties"),
         str(agent / "cloud.jks"),
         str(agent / "cloud.crt"),
@@ -96,7 +96,7 @@ def install_certificates(root: Path) -> None:
         str(agent / "cloud.key"),
         content.encode(key),
         new_passphrase="tls-test-pass",
-    )
+    ).install()
 
 
 @pytest.fixture
