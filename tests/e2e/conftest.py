@@ -30,6 +30,9 @@ from harness import (
     running_libvirtd,
     version,
 )
+from twohost import TwoHosts, missing_prerequisites
+
+KVMHOOK_CONF = Path("/etc/kvmhook/kvmhook.conf")
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +124,30 @@ def installed(libvirtd, debs):
     yield libvirtd
     if before == "not-installed":
         apt("purge", "kvmhook")
+
+
+@pytest.fixture
+def real_conf():
+    """The real /etc/kvmhook/kvmhook.conf (the hook run by libvirtd reads no other), put back as
+    it was afterwards: removed, with /etc/kvmhook when the test made it, if there was none."""
+    made_dir = not KVMHOOK_CONF.parent.exists()
+    saved = KVMHOOK_CONF.read_bytes() if KVMHOOK_CONF.exists() else None
+    KVMHOOK_CONF.parent.mkdir(exist_ok=True)
+    yield KVMHOOK_CONF
+    if saved is None:
+        KVMHOOK_CONF.unlink(missing_ok=True)
+        if made_dir and not any(KVMHOOK_CONF.parent.iterdir()):
+            KVMHOOK_CONF.parent.rmdir()
+    else:
+        KVMHOOK_CONF.write_bytes(saved)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Hosts a and b (twohost.py), secured with one test CA, libvirtd listening on TLS; all
+    stopped after."""
+    reason = missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    with TwoHosts() as hosts:
+        yield hosts

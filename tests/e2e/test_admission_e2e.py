@@ -17,24 +17,8 @@ from pathlib import Path
 import pytest
 from harness import GUEST_PREFIX, define_guest, log_records, run
 
-CONF = Path("/etc/kvmhook/kvmhook.conf")
 STATUS_DIR = Path("/run/libvirt/qemu")
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def real_conf():
-    """The real kvmhook.conf, put back as it was afterwards (removed, with /etc/kvmhook when
-    the test made it, if there was none)."""
-    made_dir = not CONF.parent.exists()
-    saved = CONF.read_bytes() if CONF.exists() else None
-    yield CONF
-    if saved is None:
-        CONF.unlink(missing_ok=True)
-        if made_dir and CONF.parent.exists() and not any(CONF.parent.iterdir()):
-            CONF.parent.rmdir()
-    else:
-        CONF.write_bytes(saved)
 
 
 @pytest.fixture

@@ -9,32 +9,15 @@ from __future__ import annotations
 import os
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 from harness import GUEST_PREFIX, define_guest, log_records, run
 
-CONF = Path("/etc/kvmhook/kvmhook.conf")
 DESCRIPTION = "restored by kvmhook on this host"
 # Adds a <description> after the uuid: the guests of the harness have none.
 REWRITE = f"""\
 sed 's|</uuid>|</uuid><description>{DESCRIPTION}</description>|' > "$KVMHOOK_XML_OUT"
 """
-
-
-@pytest.fixture
-def real_conf():
-    """The real kvmhook.conf, put back as it was afterwards."""
-    made_dir = not CONF.parent.exists()
-    saved = CONF.read_bytes() if CONF.exists() else None
-    CONF.parent.mkdir(exist_ok=True)
-    yield CONF
-    if saved is None:
-        CONF.unlink(missing_ok=True)
-        if made_dir and not any(CONF.parent.iterdir()):
-            CONF.parent.rmdir()
-    else:
-        CONF.write_bytes(saved)
 
 
 @pytest.fixture

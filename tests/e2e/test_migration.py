@@ -25,10 +25,8 @@ from twohost import (
     GUEST_PREFIX,
     KVMHOOK,
     TestCA,
-    TwoHosts,
     guest_xml,
     migrate_argv,
-    missing_prerequisites,
     pem,
 )
 
@@ -45,16 +43,6 @@ TLS_FILES = (
     "/etc/pki/qemu/client-cert.pem",
     "/etc/pki/qemu/client-key.pem",
 )
-
-
-@pytest.fixture(scope="module")
-def pair():
-    """Hosts a and b, secured with one test CA, libvirtd listening on TLS; all stopped after."""
-    reason = missing_prerequisites()
-    if reason:
-        pytest.skip(reason)
-    with TwoHosts() as hosts:
-        yield hosts
 
 
 def migrate(source, dest, name: str) -> subprocess.CompletedProcess:

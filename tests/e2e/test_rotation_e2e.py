@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from harness import GUEST_PREFIX, run
+from signer import write_ca
 from test_tls import (
     CLIENT_CERT,
     CLIENT_KEY,
@@ -43,29 +44,13 @@ from test_tls import (
     tool,
     virsh_tls,
 )
-from twohost import TwoHosts, guest_xml, migrate_argv, missing_prerequisites
+from twohost import guest_xml, migrate_argv
 
 from keystore.setup import fqdn
 
 SIGNER = Path(__file__).resolve().parents[1] / "signer.py"
 LOCK = Path("/run/kvmhook/cert-renew.lock")
 AGENT_FILES = ("cloud.crt", "cloud.key", "cloud.ca.crt", "cloud.jks", "agent.properties")
-
-
-def write_ca(directory: Path, key, chain: list[x509.Certificate]) -> Path:
-    """The issuing CA's key and chain where tests/signer.py reads them."""
-    from cryptography.hazmat.primitives import serialization
-
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca-key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    (directory / "ca-chain.pem").write_bytes(pem(*chain))
-    return directory
 
 
 def signer(ca_dir: Path, mode: str = "good", days: int = 30) -> str:
@@ -299,16 +284,6 @@ def test_rollback_serves_the_previous_set_again(fresh):
         assert path.read_bytes() == old[path], path
         if path.name != "agent.properties":  # it kept its passphrase: never replaced
             assert path.with_name(path.name + ".prev").read_bytes() == renewed[path], path
-
-
-@pytest.fixture(scope="module")
-def pair():
-    """Hosts a and b (twohost.py), secured with one test CA, libvirtd listening on TLS."""
-    reason = missing_prerequisites()
-    if reason:
-        pytest.skip(reason)
-    with TwoHosts() as hosts:
-        yield hosts
 
 
 def test_migrating_to_a_host_whose_certificate_was_just_renewed(pair, tmp_path):
