@@ -86,7 +86,9 @@ def _conf(log: HookLog) -> "HookConf | None":
     try:
         return hookconf.read()
     except OSError as error:
-        log.record("-", f"config: cannot read {paths.kvmhook_conf()}: {error}; defaults apply")
+        log.record(
+            "-", f"config: cannot read {paths.kvmhook_conf()}: {error.strerror}; defaults apply"
+        )
         return None
 
 

@@ -254,3 +254,13 @@ def test_cli_list_shows_the_policy_and_run_vetoes(host):
     assert result.exit_code == 1
     assert "kvmhook: start of guest vm1 aborted: custom script all_20check: exit 3" in result.stderr
     assert ran(host, "later") == []
+
+
+def test_an_unreadable_config_never_blocks_a_guest(host):
+    """kvmhook.conf that cannot be read at all (here a directory): logged, defaults apply."""
+    (host.root / "etc/kvmhook/kvmhook.conf").mkdir(parents=True)
+    chain(host)
+    result = hook(host, "start")
+    assert (result.returncode, result.stderr, ran(host, "later")) == (0, b"", ["start"])
+    [record] = [r for r in host.records() if " config: " in r]
+    assert record.endswith("kvmhook.conf: Is a directory; defaults apply")
