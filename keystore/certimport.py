@@ -19,8 +19,6 @@ from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 
 MODES = ("ssh", "agent")
-# Beside each file a rotation replaces: its previous content, for one rollback step.
-PREVIOUS = ".prev"
 # Group that QEMU runs as, by distribution: it must read the TLS keys.
 _QEMU_GROUPS = ("qemu", "libvirt-qemu")
 
@@ -53,14 +51,9 @@ class Installation:
             self.stage(files)
         return self.material
 
-    def stage(self, files: Transaction, keep_previous: bool = False) -> None:
-        """Stage every file; with `keep_previous`, each existing one's content goes to FILE.prev
-        first (its mode and group kept), in the same transaction."""
+    def stage(self, files: Transaction) -> None:
+        """Stage every file, in order."""
         for path, data, mode, group, parent_mode in self.writes:
-            if keep_previous and os.path.exists(path):
-                with open(path, "rb") as source:
-                    info = os.fstat(source.fileno())
-                    files.write(path + PREVIOUS, source.read(), info.st_mode & 0o7777, info.st_gid)
             files.write(path, data, mode, group, parent_mode=parent_mode)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 
 from kvmhook import paths
+from kvmhook.dispatch import ABORTABLE
 from kvmhook.errors import ConfigError
 
 # What each syntax error means, most specific first; each knows the line it found wrong.
@@ -95,8 +96,6 @@ def mem_factor(config: Config) -> float | None:
     return config.number("capacity", "mem_factor")
 
 
-# Operations whose non-zero exit libvirt honours by stopping what it does.
-ABORTABLE = ("prepare", "start", "started", "migrate", "restore")
 # Why the others can never abort: libvirt ignores their exit status, or worse.
 _NEVER_ABORT = {
     "reconnect": "a failing reconnect makes libvirt kill the running guest",

@@ -32,6 +32,11 @@ OPERATIONS = (
     "reconnect",
     "attach",
 )
+# The operations whose non-zero exit libvirt honours by stopping what it does
+# (reconnect's too, but by killing a running guest: it never aborts).
+ABORTABLE = ("prepare", "start", "started", "migrate", "restore")
+# The operations whose new domain XML libvirt reads from the hook's stdout.
+REWRITABLE = ("migrate", "restore")
 ALL = "all"  # prefix of scripts that run for every operation
 # Never run, as with run-parts: what editors and package managers leave behind.
 LEFTOVER_SUFFIXES = (
@@ -421,7 +426,7 @@ def _run_scripts(
     except OSError as error:
         log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
         stdin = process.Stdin(None)
-    rewrites = _Rewrites(stdin) if event.operation in _REWRITABLE else None
+    rewrites = _Rewrites(stdin) if event.operation in REWRITABLE else None
     try:
         for index, script in enumerate(scripts):
             run = _run_one(script, event, stdin, settings, log, rewrites)
@@ -438,10 +443,6 @@ def _run_scripts(
         stdin.close()
         if rewrites is not None:
             rewrites.close()
-
-
-# Operations whose XML a script may rewrite: libvirt reads the hook's stdout only for these.
-_REWRITABLE = ("migrate", "restore")
 
 
 class _Rewrites:

@@ -95,16 +95,13 @@ class Stdin:
             chunk = os.read(source_fd, _READ_SIZE)
             if not chunk:
                 break
-            while chunk:
-                chunk = chunk[os.write(self._fd, chunk) :]
+            write_all(self._fd, chunk)
 
     @classmethod
     def holding(cls, data: bytes) -> Stdin:
         """A Stdin replaying `data` (a custom script's rewrite of the domain XML)."""
         stdin = cls(None)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(stdin._fd, view) :]
+        write_all(stdin._fd, data)
         return stdin
 
     def open(self) -> int:
@@ -117,6 +114,13 @@ class Stdin:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class _Output:

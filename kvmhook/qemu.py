@@ -69,15 +69,11 @@ def _run(args: list[str], timeout: "float | None", log: HookLog) -> int:
         return 1
     stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
     # kvmhook.conf is opt-in: a host without one pays a failed open, and only here.
-    conf = _conf(log) if event.operation in _CONFIGURABLE else None
+    conf = _conf(log) if event.operation in dispatch.ABORTABLE else None
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
         return _admit(event, conf, log, timeout, stdin_fd, abort)
     return _finish(dispatch.run_hook(event, log, timeout, stdin_fd, abort))
-
-
-# The operations kvmhook.conf can change: those whose exit status libvirt honours.
-_CONFIGURABLE = ("prepare", "start", "started", "migrate", "restore")
 
 
 def _conf(log: HookLog) -> "HookConf | None":
@@ -120,9 +116,9 @@ def _finish(chain: dispatch.Chain) -> int:
 
 
 def _print_xml(data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view) :]
+    from kvmhook import process  # loaded already: a rewrite means scripts ran
+
+    process.write_all(1, data)
 
 
 def _admit(

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
 
 VARIABLE = "KVMHOOK_XML_OUT"
-OPERATIONS = ("migrate", "restore")
 _FILE_NAME = "domain.xml"
 
 

@@ -65,7 +65,8 @@ LOCK_WAIT = 600.0
 _LOCK_POLL = 0.1
 # A restarted daemon needs a moment before it listens again; a reloaded one does not.
 _RESTART_LISTEN_WAIT = 60.0
-PREVIOUS = certimport.PREVIOUS
+# Beside each file a renewal replaces: its previous content, for one rollback step.
+PREVIOUS = ".prev"
 
 Say = Callable[[str], None]
 
@@ -170,7 +171,7 @@ def renew(
         _check_trusted(agent_dir, installation.material.chain)
         paths_ = [path for each in installation.paths for path in (each, each + PREVIOUS)]
         served = _swap(
-            lambda files: installation.stage(files, keep_previous=True), paths_, new, serving, say
+            lambda files: _stage_keeping_previous(files, installation), paths_, new, serving, say
         )
         was = f"serial {_serial(current)} -> " if current is not None else ""
         return (
@@ -214,6 +215,16 @@ def rollback(agent_dir: str, allow_restart: bool = False, say: Say = lambda line
             f" valid until {pki.not_after(previous)} UTC; {served}; the set rolled back from"
             f" is now the *{PREVIOUS} set"
         )
+
+
+def _stage_keeping_previous(files: Transaction, installation: certimport.Installation) -> None:
+    """The new set, each existing file's content first kept as FILE.prev (mode and group too),
+    all in one transaction."""
+    for path in installation.paths:
+        current = _File.read(path)
+        if current.data is not None:
+            current.stage(files, path + PREVIOUS)
+    installation.stage(files)
 
 
 class _File:

@@ -99,7 +99,7 @@ def _aborts(operation: str) -> bool:
 
 def _policy_source(operation: str) -> str:
     path = paths.kvmhook_conf()
-    if operation not in config.ABORTABLE:
+    if operation not in dispatch.ABORTABLE:
         return f"{operation} can never abort"
     return f"[hooks] in {path}" if os.path.exists(path) else f"default, no {path}"
 
