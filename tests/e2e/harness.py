@@ -132,3 +132,42 @@ def define_guest(name: str) -> str:
 
 def log_records() -> list[str]:
     return LOG.read_text(errors="replace").splitlines() if LOG.exists() else []
+
+
+# A stand-in for CloudStack's qemu hook (cloudstack-agent's libvirtqemuhook): its markers and
+# its loop over custom/all_* and custom/<operation>_*, not its code. Each call appends its
+# depth and arguments to /run/kvmhook-e2e/cloudstack-hook. Where the real one, chained,
+# would go on running itself until the timeout, the stand-in waits instead, at depth 3: a
+# chained stand-in costs one timeout per call, not a fork bomb.
+CLOUDSTACK_STANDIN = """\
+#!/usr/bin/python3
+import os
+import subprocess
+import sys
+import time
+
+customDir = "/etc/libvirt/hooks/custom"
+validQemuActions = ["prepare", "start", "started", "stopped", "release", "migrate", "restore"]
+depth = int(os.environ.get("STANDIN_DEPTH", "0"))
+
+
+def handleMigrateBegin():
+    from cloudutils.networkConfig import networkConfig  # noqa: F401
+
+
+def executeCustomScripts(args):
+    names = [n for n in os.listdir(customDir) if n.startswith(("all_", args[1] + "_"))]
+    for name in sorted(names):
+        deeper = {**os.environ, "STANDIN_DEPTH": str(depth + 1)}
+        subprocess.call([os.path.join(customDir, name), *args], env=deeper)
+
+
+if __name__ == "__main__":
+    with open("/run/kvmhook-e2e/cloudstack-hook", "a") as calls:
+        calls.write(f"{depth} {' '.join(sys.argv[1:])}\\n")
+    if depth >= 3:
+        time.sleep(3600)
+    if sys.argv[2:4] == ["migrate", "begin"]:
+        handleMigrateBegin()
+    executeCustomScripts(sys.argv[1:])
+"""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import systemdunits
 from harness import (
+    CLOUDSTACK_STANDIN,
     CUSTOM,
     GUEST_PREFIX,
     HOOK,
@@ -33,6 +34,7 @@ XML = b"<domain><name>pkgtest</name></domain>"
 UNITDIR = Path("/lib/systemd/system")
 RENEW_SETTINGS = Path("/etc/default/kvmhook-cert-renew")
 TIMER_WANTS = Path("/etc/systemd/system/timers.target.wants", systemdunits.TIMER)
+CLOUDSTACK_AGENT_HOOK = Path("/usr/share/cloudstack-agent/lib/libvirtqemuhook")
 
 
 @pytest.fixture
@@ -151,6 +153,88 @@ def test_an_existing_hook_is_kept_chained_and_restored_on_purge(clean_host, debs
     assert HOOK.read_text() == foreign
     assert not PREVIOUS.exists() and not CHAIN.exists() and not CHAIN.is_symlink()
     assert run("dpkg-divert", "--listpackage", str(HOOK)).stdout.strip() == ""
+
+
+def without_previous_hook(libvirtd) -> None:
+    """Purged, the hook purge put back removed, and libvirtd restarted, since it knew that hook:
+    a stand-in for CloudStack's hook must not run in the tests after."""
+    if package_state() != "not-installed":
+        apt("purge", "kvmhook")
+    HOOK.unlink(missing_ok=True)
+    libvirtd.restart()
+
+
+def test_cloudstacks_hook_is_kept_aside_unchained_and_guests_start_in_normal_time(
+    clean_host, debs, libvirtd, scratch
+):
+    """Over CloudStack's hook (a stand-in running custom/all_* as it does), a guest starts in
+    seconds, not after the timeout: the hook is kept aside, never chained; remove hands calls
+    to it, and purge restores it."""
+    HOOK.parent.mkdir(parents=True, exist_ok=True)
+    HOOK.write_text(CLOUDSTACK_STANDIN)
+    HOOK.chmod(0o755)
+    name = f"cs{os.getpid()}"
+    try:
+        installed = apt_install(debs[1])
+        # Short enough that a chained stand-in (one timeout per call) fails in about a minute.
+        HOOK.write_text(HOOK.read_text().replace("timeoutSeconds = 10 * 60", "timeoutSeconds = 20"))
+        libvirtd.restart()  # the launcher and its timeout, for sure
+        define_guest(name)
+        began = time.monotonic()
+        run("virsh", "start", GUEST_PREFIX + name, timeout=300)
+        took = time.monotonic() - began
+        assert took < 15, (
+            f"the guest took {took:.0f} s to start: a hook call waited for its timeout"
+        )
+        assert not (scratch / "cloudstack-hook").exists(), "the stand-in ran"
+        assert f"{PREVIOUS} is CloudStack's qemu hook: kept aside, not chained" in (
+            installed.stderr + installed.stdout
+        )
+        assert PREVIOUS.read_text() == CLOUDSTACK_STANDIN and not CHAIN.is_symlink()
+        run("virsh", "destroy", GUEST_PREFIX + name)
+        apt("remove", "kvmhook")
+        # The kept launcher hands the call to CloudStack's hook, which runs custom/ once.
+        began = time.monotonic()
+        assert call_hook("pkgtest", "prepare", "begin", "-").returncode == 0
+        assert time.monotonic() - began < 10
+        assert (scratch / "cloudstack-hook").read_text() == "0 pkgtest prepare begin -\n"
+        apt("purge", "kvmhook")
+        assert HOOK.read_text() == CLOUDSTACK_STANDIN
+        assert not PREVIOUS.exists() and not CHAIN.is_symlink()
+    finally:
+        run("virsh", "destroy", GUEST_PREFIX + name, check=False)
+        run("virsh", "undefine", GUEST_PREFIX + name, check=False)
+        without_previous_hook(libvirtd)
+
+
+def test_upgrade_unchains_a_byte_identical_copy_of_cloudstack_agents_hook(
+    clean_host, debs, libvirtd
+):
+    """A copy of cloudstack-agent's own file, without any marker, is not chained on install,
+    and an upgrade removes the link an earlier kvmhook made to it, saying so in one line."""
+    made = not CLOUDSTACK_AGENT_HOOK.parents[1].exists()
+    copy = '#!/bin/sh\nfor s in /etc/libvirt/hooks/custom/all_*; do "$s" "$@"; done\n'
+    CLOUDSTACK_AGENT_HOOK.parent.mkdir(parents=True, exist_ok=True)
+    CLOUDSTACK_AGENT_HOOK.write_text(copy)
+    HOOK.parent.mkdir(parents=True, exist_ok=True)
+    HOOK.write_text(copy)
+    HOOK.chmod(0o755)
+    try:
+        installed = apt_install(debs[1])
+        assert f"{PREVIOUS} is CloudStack's qemu hook" in installed.stderr + installed.stdout
+        assert not CHAIN.is_symlink()
+        CHAIN.symlink_to(PREVIOUS)  # as kvmhook did before it knew CloudStack's hook
+        upgraded = apt_install(debs[2])
+        output = (upgraded.stderr + upgraded.stdout).splitlines()
+        said = [line for line in output if str(CHAIN) in line]
+        assert len(said) == 1 and said[0].startswith(f"kvmhook: removed {CHAIN}: "), said
+        assert not CHAIN.is_symlink() and PREVIOUS.read_text() == copy
+        apt("purge", "kvmhook")
+        assert HOOK.read_text() == copy and not PREVIOUS.exists()
+    finally:
+        without_previous_hook(libvirtd)
+        if made:
+            shutil.rmtree(CLOUDSTACK_AGENT_HOOK.parents[1], ignore_errors=True)
 
 
 def test_install_and_purge_reload_a_running_libvirtd(clean_host, debs, libvirtd, scratch):

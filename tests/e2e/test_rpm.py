@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import systemdunits
+from harness import CLOUDSTACK_STANDIN
 
 REPO = Path(__file__).resolve().parents[2]
 HOOKDIR = "/etc/libvirt/hooks"
@@ -27,6 +28,7 @@ CUSTOM = f"{HOOKDIR}/custom"
 LOGROTATE = "/etc/logrotate.d/kvmhook"
 UNITDIR = "/usr/lib/systemd/system"
 RENEW_SETTINGS = "/etc/sysconfig/kvmhook-cert-renew"
+CLOUDSTACK_AGENT_HOOK = "/usr/share/cloudstack-agent/lib/libvirtqemuhook"
 SITELIB = r"/usr/lib(64)?/python3[.\d]*/(site|dist)-packages"
 REQUIREMENTS = (
     "python3",
@@ -200,11 +202,15 @@ def test_dist_info_gives_importlib_metadata_the_version_and_scripts(rpm_file, pa
 
 
 class Sandbox:
-    """A host root for the scriptlets, with rpm, systemctl and pidof stubbed on PATH."""
+    """A host root for the scriptlets, with rpm, systemctl and pidof stubbed on PATH; the
+    Python files they run are the payload's."""
 
-    def __init__(self, root: Path, package: Path, owner: str = "") -> None:
+    def __init__(self, root: Path, package: Path, payload: Path, owner: str = "") -> None:
         self.root = root
         self.package = package
+        self.sitelib = sitelib_of(query(package, "-l").splitlines())
+        self.payload_sitelib = payload / self.sitelib.lstrip("/")
+        self.cloudstack_agent_hook = root / CLOUDSTACK_AGENT_HOOK.lstrip("/")
         self.hook = root / LAUNCHER.lstrip("/")
         self.previous = root / (LAUNCHER + ".pre-kvmhook").lstrip("/")
         self.custom = root / CUSTOM.lstrip("/")
@@ -230,6 +236,8 @@ class Sandbox:
         assert body and body != "(none)", f"the rpm has no {tag} scriptlet"
         body = body.replace(HOOKDIR, f"{self.root}{HOOKDIR}")
         body = body.replace("/var/log/libvirt", f"{self.root}/var/log/libvirt")
+        body = body.replace(f"{self.sitelib}/", f"{self.payload_sitelib}/")
+        body = body.replace(CLOUDSTACK_AGENT_HOOK, str(self.cloudstack_agent_hook))
         for real in ("/etc/libvirt", "/var/log/libvirt"):
             outside = body.replace(f"{self.root}{real}", "")
             assert real not in outside, f"{tag} would touch the real {real}"
@@ -252,9 +260,11 @@ class Sandbox:
         self.custom.mkdir(exist_ok=True)
 
 
-def test_scriptlets_keep_a_foreign_hook_running_and_give_it_back_on_erase(rpm_file, tmp_path):
+def test_scriptlets_keep_a_foreign_hook_running_and_give_it_back_on_erase(
+    rpm_file, payload, tmp_path
+):
     """Install keeps a foreign hook as qemu.pre-kvmhook, chained; erase puts it back."""
-    box = Sandbox(tmp_path, rpm_file)
+    box = Sandbox(tmp_path, rpm_file, payload)
     foreign = "#!/bin/sh\necho the operator's own hook\n"
     box.hook.write_text(foreign)
     box.hook.chmod(0o755)
@@ -281,9 +291,56 @@ def test_scriptlets_keep_a_foreign_hook_running_and_give_it_back_on_erase(rpm_fi
     assert "restored" in post.stderr
 
 
-def test_scriptlets_never_move_our_own_launcher_on_upgrade(rpm_file, tmp_path):
+def test_scriptlets_keep_cloudstacks_hook_aside_unchained_and_give_it_back_on_erase(
+    rpm_file, payload, tmp_path
+):
+    """CloudStack's hook (a stand-in with its markers) is kept as qemu.pre-kvmhook but not
+    chained, with one line saying why; erase puts it back."""
+    box = Sandbox(tmp_path, rpm_file, payload)
+    box.hook.write_text(CLOUDSTACK_STANDIN)
+    box.hook.chmod(0o755)
+
+    box.scriptlet("PREIN", 1)
+    box.install_files()
+    post = box.scriptlet("POSTIN", 1)
+    assert box.previous.read_text() == CLOUDSTACK_STANDIN
+    assert not box.chain.is_symlink()
+    said = [line for line in post.stderr.splitlines() if "CloudStack" in line]
+    assert said == [
+        f"kvmhook: {box.previous} is CloudStack's qemu hook: kept aside, not chained (kvmhook"
+        " runs the custom scripts as that hook did, and chained it would run itself through"
+        " custom/all_* until the timeout)."
+    ]
+
+    box.hook.unlink()  # rpm erases the launcher before %postun
+    box.scriptlet("POSTUN", 0)
+    assert box.hook.read_text() == CLOUDSTACK_STANDIN and not box.previous.exists()
+
+
+def test_an_upgrade_unchains_a_copy_of_cloudstack_agents_hook(rpm_file, payload, tmp_path):
+    """%post on upgrade removes the link an earlier kvmhook made to a byte-identical copy of
+    cloudstack-agent's hook, in one line; a hand-made hook's link stays."""
+    box = Sandbox(tmp_path, rpm_file, payload)
+    copy = '#!/bin/sh\nfor s in /etc/libvirt/hooks/custom/all_*; do "$s" "$@"; done\n'
+    box.cloudstack_agent_hook.parent.mkdir(parents=True)
+    box.cloudstack_agent_hook.write_text(copy)
+    box.install_files()
+    box.previous.write_text(copy)
+    box.chain.symlink_to(box.previous)
+    post = box.scriptlet("POSTIN", 2)
+    assert not box.chain.is_symlink() and box.previous.read_text() == copy
+    said = [line for line in post.stderr.splitlines() if str(box.chain) in line]
+    assert len(said) == 1 and said[0].startswith(f"kvmhook: removed {box.chain}: "), said
+
+    box.previous.write_text(copy + "# edited by hand\n")
+    box.chain.symlink_to(box.previous)
+    box.scriptlet("POSTIN", 2)
+    assert os.readlink(box.chain) == str(box.previous)
+
+
+def test_scriptlets_never_move_our_own_launcher_on_upgrade(rpm_file, payload, tmp_path):
     """An upgrade never moves the edited launcher aside nor drops the log, even if rpm -qf fails."""
-    box = Sandbox(tmp_path, rpm_file)
+    box = Sandbox(tmp_path, rpm_file, payload)
     box.install_files()
     edited = box.hook.read_text().replace("timeoutSeconds = 10 * 60", "timeoutSeconds = 42")
     box.hook.write_text(edited)
@@ -297,9 +354,9 @@ def test_scriptlets_never_move_our_own_launcher_on_upgrade(rpm_file, tmp_path):
     assert box.log.read_text() == "record\n"
 
 
-def test_install_keeps_a_hook_owned_by_kvmhook(rpm_file, tmp_path):
+def test_install_keeps_a_hook_owned_by_kvmhook(rpm_file, payload, tmp_path):
     """%pre on install moves nothing when `rpm -qf` says kvmhook owns the hook already."""
-    box = Sandbox(tmp_path, rpm_file, owner="kvmhook")
+    box = Sandbox(tmp_path, rpm_file, payload, owner="kvmhook")
     box.install_files()
     box.scriptlet("PREIN", 1)
     assert box.hook.is_file() and not box.previous.exists()
@@ -338,7 +395,7 @@ def test_renewal_units_pass_systemd_analyze_verify(payload, tmp_path):
     assert systemdunits.verify(*(tmp_path / name for name in systemdunits.UNITS)) == ""
 
 
-def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, tmp_path):
+def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, payload, tmp_path):
     """Install and upgrade enable, preset and start nothing; erase disables and
     stops an operator-enabled timer; an upgrade leaves it be."""
     scripts = query(rpm_file, "--scripts")
@@ -346,7 +403,7 @@ def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, tmp_path):
     verbs = re.findall(r"systemctl\s+(?:--\S+\s+)*([a-z-]+)", scripts)
     assert not {"enable", "preset", "start", "restart", "reenable"} & set(verbs), verbs
 
-    box = Sandbox(tmp_path, rpm_file)
+    box = Sandbox(tmp_path, rpm_file, payload)
     box.scriptlet("PREIN", 1)
     box.install_files()
     box.scriptlet("POSTIN", 1)
