@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import psutil
 
-from kvmhook import config, virt
+from kvmhook import config, limits, virt
 from kvmhook.errors import ControllerError, FactorError
 
 CPUINFO = "/proc/cpuinfo"
@@ -159,8 +159,9 @@ def choose_factors(
 ) -> Factors:
     """Each factor from its flag, else the controller, else kvmhook.conf, else 1.
 
-    Raises FactorError for a factor that is not above 0, ConfigError for a
-    broken kvmhook.conf. Asks the controller only when a flag is missing.
+    Raises FactorError for a factor out of limits.FACTOR_RANGE, ConfigError
+    for a broken kvmhook.conf (its factors included). Asks the controller
+    only when a flag is missing.
     """
     cpu = None if cpu_flag is None else Factor(check_factor(cpu_flag, "--cpu-factor"), FROM_FLAG)
     memory = None if mem_flag is None else Factor(check_factor(mem_flag, "--mem-factor"), FROM_FLAG)
@@ -180,9 +181,9 @@ def choose_factors(
 
 
 def check_factor(value: float, what: str) -> float:
-    """`value` when it is a usable factor (a finite number above 0); else FactorError."""
-    if not (math.isfinite(value) and value > 0):
-        raise FactorError(f"{what} must be a number above 0, not {value:g}")
+    """`value` when it is a usable factor (within limits.FACTOR_RANGE); else FactorError."""
+    if not 0 < value <= limits.MAX_FACTOR:  # NaN fails both comparisons
+        raise FactorError(f"{what} must be {limits.FACTOR_RANGE}, not {value:g}")
     return value
 
 
@@ -203,18 +204,13 @@ def _from_controller(controller: RatioSource, warnings: list[str]) -> tuple[Fact
 
 
 def _from_config() -> tuple[Factor, Factor]:
-    """kvmhook.conf's factors, 1 for one it does not set."""
+    """kvmhook.conf's factors (checked by config), 1 for one it does not set."""
     settings = config.load()
-    return (
-        _config_factor(config.cpu_factor(settings), f"{settings.path}: [capacity] cpu_factor"),
-        _config_factor(config.mem_factor(settings), f"{settings.path}: [capacity] mem_factor"),
-    )
+    return _config_factor(config.cpu_factor(settings)), _config_factor(config.mem_factor(settings))
 
 
-def _config_factor(value: float | None, what: str) -> Factor:
-    if value is None:
-        return Factor(1.0, FROM_DEFAULT)
-    return Factor(check_factor(value, what), FROM_CONFIG)
+def _config_factor(value: float | None) -> Factor:
+    return Factor(1.0, FROM_DEFAULT) if value is None else Factor(value, FROM_CONFIG)
 
 
 def controller_ratios() -> tuple[float, float] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import configparser
 
-from kvmhook import paths
+from kvmhook import limits, paths
 from kvmhook.dispatch import ABORTABLE
 from kvmhook.errors import ConfigError
 
@@ -88,12 +88,22 @@ def _syntax_problem(error: configparser.Error, text: str) -> str:
 
 def cpu_factor(config: Config) -> float | None:
     """`[capacity] cpu_factor`: CPU over-provisioning factor; None when unset."""
-    return config.number("capacity", "cpu_factor")
+    return _factor(config, "cpu_factor")
 
 
 def mem_factor(config: Config) -> float | None:
     """`[capacity] mem_factor`: memory over-provisioning factor; None when unset."""
-    return config.number("capacity", "mem_factor")
+    return _factor(config, "mem_factor")
+
+
+def _factor(config: Config, option: str) -> float | None:
+    """`[capacity] option`; ConfigError unless it is a number within limits.FACTOR_RANGE."""
+    value = config.number("capacity", option)
+    if value is not None and not 0 < value <= limits.MAX_FACTOR:  # NaN fails both
+        raise ConfigError(
+            f"{config.path}: [capacity] {option} must be {limits.FACTOR_RANGE}, not {value:g}"
+        )
+    return value
 
 
 # Why the others can never abort: libvirt ignores their exit status, or worse.

@@ -339,29 +339,54 @@ def test_cli_takes_the_controllers_ratios(small_host, uris, monkeypatch):
     assert figures["cpu"]["factor_source"] == "controller"
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "two"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "two", "1000.5", "1e300"])
 @pytest.mark.parametrize("flag", ["--cpu-factor", "--mem-factor"])
 def test_bad_factor_flags_exit_2(small_host, uris, no_controller, flag, value):
-    """A factor flag that is not a finite number above 0 is a usage error (exit 2) naming it."""
+    """A factor flag that is not above 0 and at most 1000 is a usage error (exit 2) naming it."""
     result = invoke(flag, value)
     assert result.exit_code == 2
     assert f"Invalid value for '{flag}'" in result.stderr
 
 
 def test_bad_factor_flag_says_what_a_factor_must_be(small_host, uris, no_controller):
-    """The usage error for 0 says that a factor must be above 0."""
+    """The usage error for 0 says the range a factor must be in."""
     result = invoke("--cpu-factor", "0")
     assert result.stderr.splitlines()[-1] == (
-        "Error: Invalid value for '--cpu-factor': the factor must be a number above 0, not 0"
+        "Error: Invalid value for '--cpu-factor': the factor must be above 0 and at most 1000,"
+        " not 0"
     )
+
+
+def test_mem_factor_1e300_is_a_usage_error_not_an_overflow(root, no_controller):
+    """The issue's --mem-factor 1e300 on libvirt's test driver: exit 2 naming the range."""
+    result = invoke("--mem-factor", "1e300", "--connect", TEST_URI)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--mem-factor': the factor must be above 0 and at most 1000,"
+        " not 1e+300"
+    )
+
+
+def test_factor_of_1000_is_the_largest_accepted(root, no_controller):
+    """1000 itself is in range: the capacity is physical x 1000, in whole bytes."""
+    figures = invoke_json("--cpu-factor", "1000", "--mem-factor", "1000", "--connect", TEST_URI)
+    assert figures["memory"]["capacity"] == figures["memory"]["physical"] * 1000
+    assert figures["cpu"]["capacity"] == figures["cpu"]["cores"] * 1000
 
 
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
-        ("cpu_factor = 0", "[capacity] cpu_factor must be a number above 0, not 0"),
-        ("mem_factor = -2", "[capacity] mem_factor must be a number above 0, not -2"),
+        ("cpu_factor = 0", "[capacity] cpu_factor must be above 0 and at most 1000, not 0"),
+        ("mem_factor = -2", "[capacity] mem_factor must be above 0 and at most 1000, not -2"),
         ("mem_factor = lots", "[capacity] mem_factor = lots: not a number"),
+        (
+            "mem_factor = 1e308",
+            "[capacity] mem_factor must be above 0 and at most 1000, not 1e+308",
+        ),
+        ("cpu_factor = 1001", "[capacity] cpu_factor must be above 0 and at most 1000, not 1001"),
+        ("mem_factor = 1e999", "[capacity] mem_factor must be above 0 and at most 1000, not inf"),
+        ("cpu_factor = nan", "[capacity] cpu_factor must be above 0 and at most 1000, not nan"),
     ],
 )
 def test_bad_factor_in_kvmhook_conf_exits_1(small_host, uris, no_controller, root, line, problem):
@@ -372,19 +397,32 @@ def test_bad_factor_in_kvmhook_conf_exits_1(small_host, uris, no_controller, roo
     assert result.stderr == f"Error: {path}: {problem}\n"
 
 
-def test_bad_controller_ratio_exits_1(small_host, uris, monkeypatch):
-    """A controller ratio of 0 exits 1 naming the controller's setting."""
-    set_controller(monkeypatch, ratios=(1.0, 0.0))
+@pytest.mark.parametrize("option", ["cpu_factor", "mem_factor"])
+def test_config_getters_bound_the_factors_for_every_reader(option):
+    """config's getters refuse 1e308 themselves: admission in the hook reads them too."""
+    settings = config.parse(f"[capacity]\n{option} = 1e308\n".encode(), "/x/kvmhook.conf")
+    getter = config.cpu_factor if option == "cpu_factor" else config.mem_factor
+    with pytest.raises(ConfigError, match=rf"^/x/kvmhook.conf: \[capacity\] {option} must be"):
+        getter(settings)
+
+
+@pytest.mark.parametrize(("ratio", "shown"), [(0.0, "0"), (1e300, "1e+300")])
+def test_bad_controller_ratio_exits_1(small_host, uris, monkeypatch, ratio, shown):
+    """A controller ratio out of range exits 1 naming the controller's setting."""
+    set_controller(monkeypatch, ratios=(1.0, ratio))
     result = invoke()
     assert result.exit_code == 1
     assert result.stderr == (
-        "Error: the controller's memoryovercommitratio must be a number above 0, not 0\n"
+        "Error: the controller's memoryovercommitratio must be above 0 and at most 1000,"
+        f" not {shown}\n"
     )
 
 
 def test_core_refuses_bad_flag_values_too(root):
     """choose_factors itself refuses a flag value that is not above 0, naming the flag."""
-    with pytest.raises(FactorError, match=r"^--mem-factor must be a number above 0, not -1$"):
+    with pytest.raises(
+        FactorError, match=r"^--mem-factor must be above 0 and at most 1000, not -1$"
+    ):
         capacity.choose_factors(1, -1, must_not_ask)
 
 

@@ -7,19 +7,21 @@ from typing import Any
 
 import click
 
+from kvmhook import limits
 from kvmhook.cli.options import connect_option
 from kvmhook.errors import FactorError, KvmhookError
 
 GIB = 2**30
 
-_EPILOG = """\b
+_EPILOG = f"""\b
 Factors, each from the first that sets it:
   the flag;
   the controller's settings for this host's cluster, when controller.conf
     exists (a controller that cannot be asked is a warning, and skipped);
   [capacity] cpu_factor / mem_factor in /etc/kvmhook/kvmhook.conf;
   1.
-A factor above 4 (the admin guide's limit for XenServer) is a warning.
+Each must be {limits.FACTOR_RANGE}; one above 4 (the admin guide's
+limit for XenServer) is a warning.
 
 \b
 Exit codes: 0 reported, 1 libvirt or a factor setting failed, 2 usage.
@@ -28,7 +30,7 @@ Example, for monitoring: kvmhook capacity --json | jq .memory.free"""
 
 
 def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """A factor flag that is not above 0 is a usage error (exit 2), not a failure."""
+    """A factor flag out of limits.FACTOR_RANGE is a usage error (exit 2), not a failure."""
     if value is None:
         return None
     from kvmhook import capacity as core
@@ -42,14 +44,18 @@ def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.command(epilog=_EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option(
-    "--cpu-factor", type=float, callback=_factor, metavar="F", help="CPU over-provisioning factor."
+    "--cpu-factor",
+    type=float,
+    callback=_factor,
+    metavar="F",
+    help=f"CPU over-provisioning factor ({limits.FACTOR_RANGE}).",
 )
 @click.option(
     "--mem-factor",
     type=float,
     callback=_factor,
     metavar="F",
-    help="Memory over-provisioning factor.",
+    help=f"Memory over-provisioning factor ({limits.FACTOR_RANGE}).",
 )
 @connect_option
 def capacity(

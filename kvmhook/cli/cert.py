@@ -8,8 +8,8 @@ from typing import Callable
 
 import click
 
-from kvmhook import certificates, paths
-from kvmhook.cli.options import agent_dir_option
+from kvmhook import certificates, limits, paths
+from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option
 from kvmhook.errors import KvmhookError
 
 
@@ -25,10 +25,11 @@ def cert() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option(
     "--warn-days",
-    type=click.IntRange(min=0),
+    type=DAYS_FROM_0,
+    metavar="DAYS",
     default=certificates.DEFAULT_WARN_DAYS,
     show_default=True,
-    help="A certificate expiring within this many days is a problem.",
+    help=f"A certificate expiring within this many days ({DAYS_FROM_0.span}) is a problem.",
 )
 def status(agent_dir: str | None, as_json: bool, warn_days: int) -> None:
     """Show the agent's certificate (cloud.crt/key/ca.crt and the keystore) and,
@@ -80,9 +81,12 @@ is back in place and served; 4 putting the previous set back failed too.
 def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value
-    if not value.isdigit():
-        raise click.BadParameter(f"{value!r} is neither a whole number of days nor auto")
-    return int(value)
+    days = limits.whole_number(value, DAYS_FROM_0.low, DAYS_FROM_0.high)
+    if days is None:
+        raise click.BadParameter(
+            f"{value!r} is neither a whole number of days nor auto (days: {DAYS_FROM_0.span})"
+        )
+    return days
 
 
 @cert.command(epilog=_RENEW_EPILOG)
@@ -92,7 +96,8 @@ def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     "within",
     metavar="DAYS|auto",
     callback=_days,
-    help="Renew only if the certificate expires within DAYS days; auto: the controller's "
+    help=f"Renew only if the certificate expires within DAYS days ({DAYS_FROM_0.span}); "
+    "auto: the controller's "
     "ca.framework.cert.expiry.alert.period for this host's cluster, else 15. "
     "Without it, renew now.",
 )
@@ -122,10 +127,11 @@ def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--dry-run", is_flag=True, help="Say what would be done; change and sign nothing.")
 @click.option(
     "--days",
-    type=click.IntRange(min=1),
+    type=DAYS,
+    metavar="DAYS",
     default=365,
     show_default=True,
-    help="Validity of the placeholder until the signed certificate is imported.",
+    help=f"Validity of the placeholder until the signed certificate is imported ({DAYS.span}).",
 )
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
 @click.option("--restart", is_flag=True, help="The earlier name of --reload (the default).")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kvmhook.cli.options import connect_option
+from kvmhook.cli.options import SECONDS, connect_option
 from kvmhook.errors import (
     IllegalTransitionError,
     KvmhookError,
@@ -74,9 +74,10 @@ def maintenance() -> None:
 )
 @click.option(
     "--timeout",
-    type=click.IntRange(min=1),
+    type=SECONDS,
     metavar="S",
-    help="Give up after S seconds (standalone: the migration under way is aborted).",
+    help=f"Give up after S seconds ({SECONDS.span}; standalone: the migration under way "
+    "is aborted).",
 )
 @connect_option
 def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> None:

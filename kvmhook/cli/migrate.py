@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from kvmhook.cli.options import connect_option
+from kvmhook.cli.options import BANDWIDTH, SECONDS, connect_option
 from kvmhook.errors import KvmhookError, MigrationAbortedError, MigrationError, NotSecuredError
 
 EXIT_FAILED = 1
@@ -33,13 +33,16 @@ Example: kvmhook migrate vm1 kvm2.example.org --bandwidth 500 --timeout 900"""
     help="Live-migrate a running guest (default), or move a shut-off guest's definition.",
 )
 @click.option(
-    "--bandwidth", type=click.IntRange(min=1), metavar="MiB/s", help="Cap the transfer rate."
+    "--bandwidth",
+    type=BANDWIDTH,
+    metavar="MiB/s",
+    help=f"Cap the transfer rate ({BANDWIDTH.span}).",
 )
 @click.option(
     "--timeout",
-    type=click.IntRange(min=1),
+    type=SECONDS,
     metavar="S",
-    help="Abort the migration after S seconds; the guest stays on this host.",
+    help=f"Abort the migration after S seconds ({SECONDS.span}); the guest stays on this host.",
 )
 @click.option(
     "--allow-insecure",

@@ -1,6 +1,12 @@
-"""Options several commands share, defined once."""
+"""Options and value types several commands share, defined once."""
+
+from __future__ import annotations
+
+from typing import Any
 
 import click
+
+from kvmhook import limits
 
 # The libvirt of this host: the value lands in the command's `source_uri` argument.
 connect_option = click.option(
@@ -18,3 +24,30 @@ agent_dir_option = click.option(
     default=None,
     help="The agent's directory (default <root>/etc/cloudstack/agent).",
 )
+
+
+class Bounded(click.ParamType):
+    """A whole number from `low` to `high`; anything else is a usage error (exit 2).
+
+    Not click.IntRange: click 8 adds the range to --help and 7.1 (RHEL 9)
+    does not, so help texts say `span` themselves, the same under both.
+    """
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low = low
+        self.high = high
+        self.span = f"{low} to {high}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = limits.whole_number(str(value), self.low, self.high)
+        if number is None:
+            self.fail(f"must be a whole number from {self.span}", param, ctx)
+        return number
+
+
+DAYS = Bounded(1, limits.MAX_DAYS)
+DAYS_FROM_0 = Bounded(0, limits.MAX_DAYS)
+SECONDS = Bounded(1, limits.MAX_SECONDS)
+BANDWIDTH = Bounded(1, limits.MAX_BANDWIDTH)
