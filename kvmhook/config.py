@@ -20,7 +20,7 @@ _SYNTAX_PROBLEMS = (
     (configparser.DuplicateOptionError, "a setting that appears twice in its section"),
     (configparser.ParsingError, "neither a [section] nor name = value"),
 )
-_SYNTAX_ERRORS = tuple(kind for kind, _words in _SYNTAX_PROBLEMS)
+SYNTAX_ERRORS = tuple(kind for kind, _words in _SYNTAX_PROBLEMS)
 
 
 class Config(configparser.ConfigParser):
@@ -71,19 +71,32 @@ def parse(data: bytes, path: str) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
         config.read_string(text, source=path)
-    except _SYNTAX_ERRORS as error:
-        raise ConfigError(f"{path}, {_syntax_problem(error, text)}") from None
+    except SYNTAX_ERRORS as error:
+        # The first bad line: kvmhook.conf holds no secret, so it is shown.
+        lineno = _linenos(error)[0]
+        # read_string splits on "\n" alone, so the same split finds the same line.
+        line = text.split("\n")[lineno - 1].strip()
+        raise ConfigError(f"{path}, line {lineno}: {_problem(error)}: {line}") from None
     return config
 
 
-def _syntax_problem(error: configparser.Error, text: str) -> str:
-    """`line N: what is wrong: the line` for one of _SYNTAX_ERRORS."""
-    problem = next(words for kind, words in _SYNTAX_PROBLEMS if isinstance(error, kind))
-    # A plain ParsingError lists every bad line, without a lineno of its own: the first will do.
-    lineno = error.lineno if hasattr(error, "lineno") else error.errors[0][0]
-    # read_string splits on "\n" alone, so the same split finds the same line.
-    line = text.split("\n")[lineno - 1].strip()
-    return f"line {lineno}: {problem}: {line}"
+def syntax_problem(error: configparser.Error) -> str:
+    """`line N: what is wrong` (`lines N, M: ...`) for one of SYNTAX_ERRORS, and not a word
+    of the lines themselves: controller.conf's may hold the API secret."""
+    linenos = _linenos(error)
+    where = "line" if len(linenos) == 1 else "lines"
+    return f"{where} {', '.join(str(lineno) for lineno in linenos)}: {_problem(error)}"
+
+
+def _problem(error: configparser.Error) -> str:
+    return next(words for kind, words in _SYNTAX_PROBLEMS if isinstance(error, kind))
+
+
+def _linenos(error: configparser.Error) -> list[int]:
+    # A plain ParsingError lists every bad line, without a lineno of its own.
+    if hasattr(error, "lineno"):
+        return [error.lineno]
+    return [lineno for lineno, _line in error.errors]
 
 
 def cpu_factor(config: Config) -> float | None:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import requests
 from cs import CloudStack, CloudStackApiException, CloudStackException
 
-from kvmhook import paths
+from kvmhook import config, limits, paths
 from kvmhook.errors import ControllerError, ControllerUnreachable
 
 SECTION = "controller"
@@ -147,9 +147,13 @@ class Controller:
         if not values:
             raise ControllerError(f"the controller has no setting {EXPIRY_ALERT_PERIOD}")
         value = str(values[0])
-        if not value.isdigit():
-            raise ControllerError(f"{EXPIRY_ALERT_PERIOD} is {value!r}, not a number of days")
-        return int(value)
+        days = limits.whole_number(value, 0, limits.MAX_DAYS)
+        if days is None:
+            raise ControllerError(
+                f"{EXPIRY_ALERT_PERIOD} is {value!r}, not a number of days"
+                f" from 0 to {limits.MAX_DAYS}"
+            )
+        return days
 
     def _host_job(self, command: str, timeout: float) -> dict[str, Any]:
         """Run the async `command` on this host; the host from its result, within `timeout`."""
@@ -257,27 +261,36 @@ def _read_private(path: str) -> str | None:
             return file.read()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ControllerError(f"cannot read {path}: {error}") from None
+    except OSError as error:
+        raise ControllerError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ControllerError(f"cannot read {path}: not UTF-8 text") from None
 
 
 def _settings(path: str, text: str) -> dict[str, Any]:
-    """Controller's arguments from controller.conf's text; ControllerError naming what is wrong."""
+    """Controller's arguments from controller.conf's text; ControllerError naming what is wrong.
+
+    No message holds a word of the file (a line, a name, a value): any of them
+    may be the secret, misplaced. They name the file, the line or the setting.
+    """
     # No interpolation: a secret may hold "%".
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string(text, source=path)
-    except configparser.Error as error:
-        raise ControllerError(str(error)) from None
+    except config.SYNTAX_ERRORS as error:
+        raise ControllerError(f"{path}, {config.syntax_problem(error)}") from None
     if not parser.has_section(SECTION):
         raise ControllerError(f"{path} has no [{SECTION}] section")
     section = parser[SECTION]
-    unknown = sorted(set(section) - set(SETTINGS))
+    unknown = set(section) - set(SETTINGS)
     if unknown:
-        raise ControllerError(f"{path}: unknown setting {', '.join(unknown)} in [{SECTION}]")
+        raise ControllerError(
+            f"{path}: [{SECTION}] has {len(unknown)} setting(s) other than"
+            f" {', '.join(SETTINGS)} (misspelt?)"
+        )
     endpoints = _endpoints(path, section.get("endpoints", ""))
     verify = _verify(section.get("verify"))
-    _check_ca(path, verify, endpoints)
+    _check_ca(path, verify, bool(section.get("verify")), endpoints)
     return {
         "endpoints": endpoints,
         "api_key": _required(path, section, "api_key"),
@@ -292,10 +305,10 @@ def _endpoints(path: str, value: str) -> list[str]:
     endpoints = [endpoint.strip() for endpoint in value.split(",") if endpoint.strip()]
     if not endpoints:
         raise ControllerError(f"{path}: endpoints = is missing or empty")
-    for endpoint in endpoints:
+    for number, endpoint in enumerate(endpoints, 1):
         url = urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.netloc:
-            raise ControllerError(f"{path}: endpoint {endpoint!r} is not an http(s) URL")
+            raise ControllerError(f"{path}: endpoints = item {number} is not an http(s) URL")
     return endpoints
 
 
@@ -308,12 +321,14 @@ def _verify(value: str | None) -> str | bool:
     return paths.under_root(value)
 
 
-def _check_ca(path: str, verify: str | bool, endpoints: list[str]) -> None:
+def _check_ca(path: str, verify: str | bool, named: bool, endpoints: list[str]) -> None:
     # Checked now: requests would stop on a missing CA file mid-call, with a bare OSError.
     https = any(urlsplit(endpoint).scheme == "https" for endpoint in endpoints)
     if https and isinstance(verify, str) and not os.path.isfile(verify):
+        # The default path is ours to show; one the file names is not.
+        which = "named by verify =" if named else verify
         raise ControllerError(
-            f"{path}: no CA file {verify} to verify the controller with"
+            f"{path}: no CA file {which} to verify the controller with"
             " (set verify = a CA file, or false)"
         )
 
@@ -329,9 +344,12 @@ def _timeout(path: str, value: str | None) -> int:
     if value is None:
         return DEFAULT_TIMEOUT
     # Whole seconds: cs truncates to int.
-    if not value.isdigit() or int(value) < 1:
-        raise ControllerError(f"{path}: timeout = {value!r} is not a whole number of seconds >= 1")
-    return int(value)
+    seconds = limits.whole_number(value, 1, limits.MAX_SECONDS)
+    if seconds is None:
+        raise ControllerError(
+            f"{path}: timeout = is not a whole number of seconds from 1 to {limits.MAX_SECONDS}"
+        )
+    return seconds
 
 
 def _fqdn() -> str:

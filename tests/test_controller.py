@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,10 +258,13 @@ def test_secret_file_with_loose_mode_is_refused(root, fake, mode):
         ("[controller]\nendpoints = ftp://cs1/api\napi_key = k\nsecret = s\n", "not an http"),
         ("[controller]\nendpoints = http://cs1/api\nsecret = s\n", "api_key = is missing"),
         ("[controller]\nendpoints = http://cs1/api\napi_key = k\n", "secret = is missing"),
-        ("[controller]\nendpoints = http://cs1/api\napi_key = k\nsecret = s\nverfy = x\n", "verfy"),
+        (
+            "[controller]\nendpoints = http://cs1/api\napi_key = k\nsecret = s\nverfy = x\n",
+            "has 1 setting\\(s\\) other than endpoints, api_key, secret, host, verify, timeout",
+        ),
         ("[controller]\nendpoints = http://cs1/api\napi_key=k\nsecret=s\ntimeout = 0\n", "timeout"),
         ("[controller]\nendpoints = https://cs1/api\napi_key = k\nsecret = s\n", "no CA file"),
-        ("endpoints = http://cs1/api\n", "no section headers"),
+        ("endpoints = http://cs1/api\n", "line 1: a setting before any \\[section\\]"),
     ],
 )
 def test_broken_config(root, text, problem):
@@ -305,3 +310,89 @@ def test_tls_refuses_a_certificate_from_another_ca(root, tls_files):
             connect(root, [server.url]).host()
         with pytest.warns(InsecureRequestWarning):
             assert connect(root, [server.url], verify="false").host()["name"] == HOST
+
+
+# controller.conf's errors never show its content: any line, name or value may be the secret.
+
+SECRET = "SUPERSECRET-4f9a"
+GOOD = "[controller]\nendpoints = http://cs1/api\napi_key = k\nsecret = s\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (f"secret = {SECRET}\n{GOOD}", "line 1: a setting before any [section]"),
+        (f"{GOOD}[controller]\nsecret = {SECRET}\n", "line 5: a section that appears twice"),
+        (f"{GOOD}secret = {SECRET}\n", "line 5: a setting that appears twice in its section"),
+        (
+            f"{GOOD}{SECRET}\nhost = h\n{SECRET} too\n",
+            "lines 5, 7: neither a [section] nor name = value",
+        ),
+        (f"{GOOD}timeout = {SECRET}\n", "timeout = is not a whole number of seconds"),
+        (f"{GOOD}timeout = 99999999999999999999\n", "from 1 to 604800"),
+        (f"{GOOD}timeout = ²\n", "from 1 to 604800"),  # isdigit() says yes, int() says no
+        (f"{GOOD}{SECRET} = x\n", "has 1 setting(s) other than endpoints, api_key"),
+        (
+            "[controller]\napi_key = k\nsecret = s\nendpoints = http://cs1/api, " + SECRET + "\n",
+            "endpoints = item 2 is not an http(s) URL",
+        ),
+        (
+            "[controller]\nendpoints = https://cs1/api\napi_key = k\nsecret = s\n"
+            f"verify = /{SECRET}\n",
+            "no CA file named by verify = to verify the controller with",
+        ),
+    ],
+    ids=[
+        "no-section-header",
+        "duplicate-section",
+        "duplicate-option",
+        "several-bad-lines",
+        "bad-timeout",
+        "huge-timeout",
+        "unicode-digit-timeout",
+        "unknown-setting",
+        "bad-endpoint",
+        "missing-ca",
+    ],
+)
+def test_config_errors_name_file_and_line_never_content(root, text, problem):
+    """Every kind of broken controller.conf: one line naming the file and where, no word of it."""
+    path = root / CONF
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(ControllerError) as caught:
+        controller.load()
+    message = str(caught.value)
+    assert message.startswith(str(path)) and problem in message, message
+    assert SECRET not in message and "\n" not in message
+
+
+def test_config_not_utf8_shows_no_byte_of_it(root):
+    """A controller.conf that is not UTF-8: named, without the codec's excerpt of the bytes."""
+    path = root / CONF
+    path.write_bytes(GOOD.encode() + b"secret = caf\xe9\n")
+    path.chmod(0o600)
+    with pytest.raises(ControllerError, match=f"^cannot read {re.escape(str(path))}: not UTF-8"):
+        controller.load()
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code"),
+    [(["maintenance", "status"], 1), (["capacity"], 0)],
+    ids=["maintenance-status", "capacity"],
+)
+def test_commands_never_print_the_secret(root, args, exit_code):
+    """The issue's file (secret = before [controller]): both commands name file and line only."""
+    path = root / CONF
+    path.write_text(f"secret = {SECRET}\n[controller]\nendpoints = http://cs1/api\n")
+    path.chmod(0o600)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "kvmhook"), *args, "--connect", "test:///default"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == exit_code, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert f"{path}, line 1: a setting before any [section]" in result.stderr
