@@ -14,6 +14,7 @@ disable turns off just those three.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -159,6 +160,13 @@ def _startup_check(found: startup.Startup) -> tuple[bool, str]:
     on = startup.has_listen(_read(found.defaults))
     has = "has" if on else "lacks"
     return on, f"LIBVIRTD_ARGS in {found.defaults} {has} --listen ({found.style})"
+
+
+def _listens(found: startup.Startup) -> bool:
+    """Whether libvirt's start-up opens its network sockets: the TLS socket unit, or --listen."""
+    if found.defaults is None:
+        return startup.socket_enabled(found)
+    return os.path.exists(found.defaults) and startup.has_listen(_read(found.defaults))
 
 
 def _handshake_check(conf_path: str) -> tuple[bool, str]:
@@ -324,9 +332,14 @@ def enable() -> Change:
 
 
 def disable() -> Change:
-    """Switch TLS off: listen_tls = 0, no TLS listener at start-up, migration TLS not forced."""
+    """Switch TLS off: listen_tls = 0, no TLS listener at start-up, migration TLS not forced.
+
+    Changes nothing where TLS is off already: no listener at start-up, no
+    listen_tls line or listen_tls = 0, and migrate_tls_force unset or 0.
+    """
     found = startup.detect()
-    edits = [_conf_edit(found.conf, _daemon_off), _conf_edit(paths.qemu_conf(), _qemu_off)]
+    daemon_off = functools.partial(_daemon_off, listens=_listens(found))
+    edits = [_conf_edit(found.conf, daemon_off), _conf_edit(paths.qemu_conf(), _qemu_off)]
     if found.defaults is not None:
         edits.append(_args_edit(found.defaults, listen=False))
     return _switch(found, edits, on=False)
@@ -345,8 +358,10 @@ def _daemon_on(conf: ConfFile) -> dict[str, str]:
     return wanted
 
 
-def _daemon_off(conf: ConfFile) -> dict[str, str]:
-    # Explicitly: libvirt's default is 1 (with --listen).
+def _daemon_off(conf: ConfFile, listens: bool) -> dict[str, str]:
+    # Explicitly when set, or when the start-up listens: libvirt's default is 1 (with --listen).
+    if conf.get("listen_tls") is None and not listens:
+        return {}
     return {"listen_tls": "0"}
 
 

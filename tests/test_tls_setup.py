@@ -233,15 +233,48 @@ def test_disable_leaves_libvirts_tls_off(root):
     assert snapshot(root) == before
 
 
-def test_disable_of_a_never_enabled_host_only_switches_listen_tls_off(root):
-    """On shipped files disable writes listen_tls = 0 (libvirt's default is 1) and nothing else."""
+@pytest.mark.parametrize("style", ["monolithic", "socket", "modular"])
+def test_disable_of_a_never_enabled_host_changes_nothing(root, style):
+    """Shipped files, no TLS listener at start-up: disable writes no file and no .bak, says
+    nothing changed and exits 0; so does a second run."""
+    if style == "socket":
+        enable_units(root, {"sockets.target.wants/libvirtd.socket": "/l/libvirtd.socket"}, [])
+    elif style == "modular":
+        enable_units(root, {"sockets.target.wants/virtqemud.socket": "/l/virtqemud.socket"}, [])
+        shutil.copy(DATA / "libvirtd.conf", root / "etc/libvirt/virtproxyd.conf")
+    before = snapshot(root)
+    for _ in range(2):
+        result = invoke("disable")
+        assert result.exit_code == 0, result.output
+        assert "changed" not in result.output and "to apply" not in result.output
+        assert result.output.strip().splitlines()[-1] == "nothing to change: TLS is already off"
+        assert snapshot(root) == before
+
+
+def test_disable_switches_listen_tls_off_where_the_start_up_listens(root):
+    """No listen_tls line but --listen at start-up (libvirt's default 1 serves TLS): disable
+    writes listen_tls = 0 and takes --listen out."""
+    (root / DEFAULTS).write_text('LIBVIRTD_ARGS="--listen"\n')
     before = lines(root / LIBVIRTD_CONF)
+    change = tls.disable()
+    assert sorted((file.path, tuple(file.keys)) for file in change.files) == [
+        (str(root / DEFAULTS), ("LIBVIRTD_ARGS",)),
+        (str(root / LIBVIRTD_CONF), ("listen_tls",)),
+    ]
+    after = lines(root / LIBVIRTD_CONF)
+    assert [line for line in after if line not in before] == ["listen_tls = 0"]
+    assert not startup.has_listen((root / DEFAULTS).read_text())
+
+
+def test_disable_sets_an_active_listen_tls_1_to_0_without_a_listener(root):
+    """An explicit listen_tls = 1 is the switch itself: disable sets it to 0 even with no
+    listener at start-up."""
+    set_conf(root / LIBVIRTD_CONF, "listen_tls", "1")
     change = tls.disable()
     assert [(file.path, file.keys) for file in change.files] == [
         (str(root / LIBVIRTD_CONF), ["listen_tls"])
     ]
-    after = lines(root / LIBVIRTD_CONF)
-    assert [line for line in after if line not in before] == ["listen_tls = 0"]
+    assert ConfFile((root / LIBVIRTD_CONF).read_text()).get("listen_tls") == "0"
 
 
 @pytest.mark.parametrize("failing", ["staging", "renaming"])
