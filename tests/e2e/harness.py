@@ -156,6 +156,8 @@ def handleMigrateBegin():
 
 
 def executeCustomScripts(args):
+    if not os.path.isdir(customDir):
+        return
     names = [n for n in os.listdir(customDir) if n.startswith(("all_", args[1] + "_"))]
     for name in sorted(names):
         deeper = {**os.environ, "STANDIN_DEPTH": str(depth + 1)}
