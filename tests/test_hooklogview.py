@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from kvmhook.cli import main
 from kvmhook.hooklog import quote
-from kvmhook.hooklogview import parse
+from kvmhook.hooklogview import BadRecord, parse
 
 TIMEOUTS = {"KVMHOOK_TIMEOUT": "0.5", "KVMHOOK_TERM_GRACE": "0.2"}
 
@@ -54,7 +55,8 @@ def test_parse_inverts_the_record_format(host):
     assert [r.kind for r in records] == ["start", "end"]
     assert {r.domain for r in records} == {'my "odd" vm\x1b'}
     assert records[1].script == "start_10-ok" and records[1].body.startswith("exit 0 after ")
-    assert parse("not a record") is None
+    with pytest.raises(BadRecord, match="not a log record"):
+        parse("not a record")
 
 
 def test_each_outcome_is_one_run_with_its_result_and_duration(host):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -134,7 +135,8 @@ def _warn_qemu_d() -> None:
 @click.option(
     "--since",
     metavar="TIME",
-    help="Only runs since TIME: 2026-11-24, '2026-11-24 13:00', or 10m / 2h / 3d ago.",
+    help="Only runs since TIME: 2026-11-24, '2026-11-24 13:00', or 10m / 2h / 3d ago "
+    "(at most 36500d).",
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep reading the live log (Ctrl-C stops).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run, one per line.")
@@ -142,31 +144,46 @@ def log(
     domain: str | None, operation: str | None, since: str | None, follow: bool, as_json: bool
 ) -> None:
     """Show script runs from the hook's log and its rotated siblings (oldest first):
-    time, guest, operation, script, result and duration."""
-    import json
+    time, guest, operation, script, result and duration. A file or line that
+    cannot be read is reported on stderr and skipped."""
+    from kvmhook import hooklogview
 
+    keep = hooklogview.Filter(domain, operation, _since(since) if since else None)
+    # Bytes, UTF-8 whatever the locale says: every string is printable() or JSON.
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        raise click.ClickException("no standard output to show the runs on (fd 1 is closed)")
+
+    def report(message: str) -> None:
+        out.flush()  # the rows read before the problem come before it
+        click.echo(f"warning: {hooklogview.printable(message)}", err=True)
+
+    path = paths.log_file()
+    if follow:
+        rows = hooklogview.follow(path, keep, report=report)
+    else:
+        rows = hooklogview.runs(path, keep, report=report)
+    if not as_json:
+        out.write(hooklogview.TABLE_HEADER.encode() + b"\n")
+    line = hooklogview.json_line if as_json else hooklogview.table_row
+    try:
+        for row in rows:
+            out.write(line(row).encode() + b"\n")
+            if follow:
+                out.flush()
+    except KeyboardInterrupt:
+        pass
+    out.flush()
+
+
+def _since(text: str) -> datetime.datetime:
+    """--since as a time, or a usage error (exit 2) saying what is accepted."""
     from kvmhook import hooklogview
 
     try:
-        since_time = hooklogview.parse_since(since) if since else None
-    except ValueError:
+        return hooklogview.parse_since(text)
+    except ValueError as error:
+        shown = text if len(text) <= 40 else text[:40] + "..."
         raise click.BadParameter(
-            f"{since!r} is not a date/time or 10m/2h/3d", param_hint="--since"
+            f"{hooklogview.printable(repr(shown))} is {error}", param_hint="--since"
         ) from None
-    keep = hooklogview.Filter(domain, operation, since_time)
-    path = paths.log_file()
-    rows = hooklogview.follow(path, keep) if follow else hooklogview.runs(path, keep)
-    if not as_json:
-        click.echo(hooklogview.TABLE_HEADER)
-    try:
-        for row in rows:
-            if as_json:
-                click.echo(json.dumps(row.as_json(), ensure_ascii=False))
-            else:
-                click.echo(hooklogview.table_row(row))
-            if follow:
-                sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
-    except OSError as error:
-        raise click.ClickException(f"cannot read the log: {error}") from None
