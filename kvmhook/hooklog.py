@@ -8,10 +8,18 @@ A script's output and its end are written as one block under an exclusive
 `flock`, so 50 hooks for different guests running at once never interleave
 inside each other's blocks. Records are written straight to the file
 descriptor: nothing is buffered in the process, so nothing is lost if the
-hook is killed between two records.
+hook is killed between two records. Every text is escaped here, where records
+are written, so whatever a caller passes (a guest's name, a path, a script's
+output) one line is always one record.
+
+The log is opened as root in a directory others may reach: it must be a
+regular file, not a link (which would make the hook append to, or create,
+whatever file it points to) nor a FIFO (which would block the hook), in a
+directory that others cannot write to.
 """
 
 import os
+import stat
 import sys
 import time
 
@@ -30,6 +38,18 @@ _SAFE_VALUE_CHARS = frozenset(
 # readers that honour them) or drive the reader's terminal.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160)) if c != 9}
 _ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+# O_NOFOLLOW: a link in the log's place would have the hook append to, or create,
+# the file it names. O_NONBLOCK: a FIFO there fails to open (no reader) or is
+# refused once open, instead of blocking the hook until someone reads it.
+_LOG_FLAGS = (
+    os.O_WRONLY
+    | os.O_APPEND
+    | os.O_CREAT
+    | os.O_CLOEXEC
+    | os.O_NOFOLLOW
+    | os.O_NONBLOCK
+    | os.O_NOCTTY
+)
 
 
 def quote(value: str) -> str:
@@ -55,7 +75,7 @@ def output_lines(segments: "Iterable[tuple[str, bytes | bytearray]]") -> "Iterat
             stop = data.find(b"\n", start)
             if stop < 0:
                 stop = end
-            yield f"{stream}: {clean(data[start:stop].decode('utf-8', 'backslashreplace'))}"
+            yield f"{stream}: {data[start:stop].decode('utf-8', 'backslashreplace')}"
             start = stop + 1
 
 
@@ -91,7 +111,7 @@ class HookLog:
             self._lock(fd)
         try:
             for text in texts:
-                line = prefix + text + "\n"
+                line = prefix + clean(text) + "\n"
                 if self._echo is not None:
                     self._echo.write(line)
                 pieces.append(line)
@@ -112,10 +132,7 @@ class HookLog:
     def _open(self) -> "int | None":
         if self._fd is None and not self._broken:
             try:
-                os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
-                self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
-                )
+                self._fd = _open_log(self.path)
             except OSError as error:
                 self._fail(error)
         return self._fd
@@ -149,14 +166,55 @@ class HookLog:
     def _fail(self, error: OSError) -> None:
         if not self._broken:
             self._broken = True
-            try:
-                sys.stderr.write(
-                    f"kvmhook: cannot write the log {self.path}: {error.strerror or error}; "
-                    "custom scripts still run\n"
-                )
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass  # stderr is gone too: nothing left to tell
+            say(
+                f"kvmhook: cannot write the log {self.path}: {error.strerror or error}; "
+                "custom scripts still run"
+            )
+
+
+def say(message: str) -> None:
+    """`message` on stderr (where libvirt takes the reason a failed hook gives), if there is one.
+
+    libvirtd, or whoever runs the hook, may have closed fd 2: then Python has no
+    sys.stderr at all, and the message is lost, never the hook's exit status.
+    """
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(message + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # stderr is gone (a closed pipe, say): nothing left to tell
+
+
+def _open_log(path: str) -> int:
+    """A descriptor appending to the log at `path`, created if missing.
+
+    Raises OSError; RefusedFile (strerror in words) for a log that is a link
+    or not a regular file, or a directory that others can write to (they
+    could put a link or a FIFO in its place).
+    """
+    from kvmhook.readfile import RefusedFile
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    if os.stat(directory).st_mode & stat.S_IWOTH:
+        raise RefusedFile(path, f"its directory {directory} is writable by others")
+    try:
+        fd = os.open(path, _LOG_FLAGS, 0o640)
+    except OSError as error:
+        import errno
+
+        if error.errno == errno.ELOOP and os.path.islink(path):
+            raise RefusedFile(path, "it is a symbolic link") from None
+        if error.errno == errno.ENXIO:  # a FIFO without a reader, a socket, a device
+            raise RefusedFile(path, "not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RefusedFile(path, "not a regular file")
+    return fd
 
 
 def _timestamp() -> str:

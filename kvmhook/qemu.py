@@ -16,7 +16,7 @@ import os
 import sys
 
 from kvmhook import dispatch, paths
-from kvmhook.hooklog import HookLog, clean
+from kvmhook.hooklog import HookLog, say
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
     may run. KVMHOOK_TIMEOUT overrides it.
     """
+    _open_std_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     log = HookLog(paths.log_file(), *_context(args))
     try:
@@ -50,6 +51,24 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
 
 # The operations by which a guest arrives on this host.
 _ARRIVALS = ("prepare", "migrate")
+
+
+def _open_std_fds() -> None:
+    """Put /dev/null on whichever of fds 0, 1 and 2 is closed, as daemons do.
+
+    Otherwise the first file the hook opens (the log, the XML's memory file)
+    would get that number, and the domain XML printed on fd 1 for libvirt,
+    secrets included, would land in it.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                # The lowest free number, so `fd` itself: every lower one is open by now.
+                os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                return  # no /dev/null (a bare chroot): nothing better to put there
 
 
 def _context(args: list[str]) -> tuple[str, str, str]:
@@ -108,7 +127,7 @@ def _aborts(operation: str, conf: "HookConf", log: HookLog) -> bool:
 def _finish(chain: dispatch.Chain) -> int:
     """The exit status for libvirt, after the veto's reason on stderr or the new XML on stdout."""
     if chain.veto is not None:
-        _say("\n".join(chain.veto))
+        say("\n".join(chain.veto))
         return 1
     if chain.xml is not None:
         _print_xml(chain.xml)
@@ -137,7 +156,7 @@ def _admit(
     try:
         if outcome.refusal is not None:
             log.record("-", f"refused: {outcome.refusal}; no scripts run")
-            _say(outcome.refusal)
+            say(outcome.refusal)
             return 1
         return _finish(dispatch.run_hook(event, log, timeout, outcome.stdin_fd, abort))
     finally:
@@ -153,35 +172,20 @@ def _refused_for_maintenance(log: HookLog) -> bool:
     if state not in hoststate.REFUSING:
         return False
     log.record("-", f"refused: {hoststate.REFUSAL} (state {state}); no scripts run")
-    _say(hoststate.REFUSAL)
+    say(hoststate.REFUSAL)
     return True
 
 
-def _say(message: str) -> None:
-    """`message` on stderr, where libvirt takes the reason a failed hook gives."""
-    try:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass  # stderr is gone: the log has it
-
-
 def _shown(args: list[str]) -> str:
-    return clean(" ".join(repr(arg) for arg in args)) or "(none)"
+    return " ".join(repr(arg) for arg in args) or "(none)"
 
 
 def _report_bug(error: Exception, log: HookLog) -> None:
     import traceback
 
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    log.block(
-        "-",
-        [f"internal error, scripts may not have run: {error!r}", *map(clean, text.splitlines())],
-    )
-    try:
-        sys.stderr.write(f"kvmhook: internal error: {error!r}\n")
-    except (OSError, ValueError):
-        pass
+    log.block("-", [f"internal error, scripts may not have run: {error!r}", *text.splitlines()])
+    say(f"kvmhook: internal error: {error!r}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import tempfile
 import time
 import unicodedata
 
@@ -126,17 +127,30 @@ def test_output_lines_shows_invalid_utf8_as_backslash_escapes():
     ]
 
 
-def test_output_lines_escapes_control_characters():
+def logged(texts: list[str]) -> list[str]:
+    """The texts of the records HookLog writes for `texts`, read back from a real file."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "hook.log")
+        log = HookLog(path, "vm1", "start", "begin")
+        log.block("all_x", texts)
+        log.close()
+        with open(path, encoding="utf-8", newline="") as written:
+            lines = written.read().split("\n")
+    assert lines[-1] == ""
+    return [line.split(" script=all_x ", 1)[1] for line in lines[:-1]]
+
+
+def test_output_lines_escapes_control_characters_as_logged():
     """Carriage returns, escape sequences and other C0 controls are escaped, tabs kept."""
-    assert list(output_lines([("stderr", b"a\rb\x1b[31mred\x00\x7f\tt\n")])) == [
+    assert logged(list(output_lines([("stderr", b"a\rb\x1b[31mred\x00\x7f\tt\n")]))) == [
         "stderr: a\\x0db\\x1b[31mred\\x00\\x7f\tt"
     ]
 
 
 @given(st.binary(max_size=200))
 def test_output_lines_one_record_per_output_line_for_any_bytes(data):
-    """For any output, records = lines, and no record holds a newline or C0 control."""
-    records = list(output_lines([("stdout", data)]))
+    """For any output, records = lines, and no logged record holds a newline or C0 control."""
+    records = logged(list(output_lines([("stdout", data)])))
     expected = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     assert len(records) == expected
     for record in records:
@@ -149,7 +163,7 @@ def test_output_lines_one_record_per_output_line_for_any_bytes(data):
 def test_output_lines_escapes_unicode_line_breaks_and_c1_controls(char):
     """A script line holding NEL, CSI or U+2028/9 stays one record with no control left."""
     data = f"before{char}after\n".encode()
-    records = list(output_lines([("stdout", data)]))
+    records = logged(list(output_lines([("stdout", data)])))
     assert len(records) == 1
     assert len(records[0].splitlines()) == 1
     assert controls(records[0]) == []
