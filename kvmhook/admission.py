@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import os
 
-from kvmhook import paths
+from kvmhook import paths, readfile
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
@@ -128,8 +128,13 @@ def check(domain: str, conf: HookConf, stdin_fd: int | None, log: HookLog) -> Ad
     try:
         xml, replay_fd = _read_and_keep(stdin_fd)
     except OSError as error:
-        log.record("-", f"admission: cannot read the domain XML: {error}; admitted unchecked")
-        return Admission(None, stdin_fd, owned=False)
+        # Part of it may be read already: the scripts get none rather than the rest.
+        log.record(
+            "-",
+            f"admission: cannot read the domain XML from stdin: {error.strerror}; "
+            "admitted unchecked, scripts get none",
+        )
+        return Admission(None, None, owned=False)
     try:
         refusal = _refusal(domain, xml, factors, log)
     except Exception as error:  # a bug or a strange XML must not block a guest
@@ -237,14 +242,18 @@ def _running(arriving: str, log: HookLog) -> tuple[int, int]:
         if entry.name == arriving + ".xml" or not entry.is_file():
             continue
         try:
-            root = ElementTree.parse(entry.path).getroot()
+            # A guest's XML and libvirt's bookkeeping: the bound of a domain XML will do.
+            root = ElementTree.fromstring(readfile.read(entry.path, readfile.DOMAIN_XML_MAX))
             domain = root.find("domain") if root.tag == "domstatus" else None
             if domain is None:
                 raise ValueError("not a libvirt <domstatus> file")
             if domain.findtext("name") == arriving:
                 continue
             guest_vcpus, guest_memory = size(domain)
-        except (OSError, ValueError, KeyError, ElementTree.ParseError) as error:
+        except OSError as error:
+            log.record("-", f"admission: {entry.path} not counted: {error.strerror}")
+            continue
+        except (ValueError, KeyError, ElementTree.ParseError) as error:
             log.record("-", f"admission: {entry.path} not counted: {error}")
             continue
         vcpus += guest_vcpus

@@ -49,14 +49,14 @@ def load() -> Config:
 
     Raises ConfigError naming the file, and the line when its syntax is wrong.
     """
+    from kvmhook import hookconf  # one reader for the hook and the CLI: bounded, never blocking
+
     path = paths.kvmhook_conf()
     try:
-        with open(path, "rb") as source:
-            return parse(source.read(), path)
-    except FileNotFoundError:
-        return Config(path)
+        conf = hookconf.read()
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    return Config(path) if conf is None else conf.parsed()
 
 
 def parse(data: bytes, path: str) -> Config:

@@ -37,6 +37,10 @@ OPERATIONS = (
 ABORTABLE = ("prepare", "start", "started", "migrate", "restore")
 # The operations whose new domain XML libvirt reads from the hook's stdout.
 REWRITABLE = ("migrate", "restore")
+# The qemu hook found at install, chained by the packages as this custom script
+# (a link to /etc/libvirt/hooks/qemu.pre-kvmhook). Written for libvirt, it prints
+# the new domain XML on its stdout for migrate and restore: that is its rewrite.
+PREVIOUS_HOOK = "all_00-previous-qemu-hook"
 ALL = "all"  # prefix of scripts that run for every operation
 # Never run, as with run-parts: what editors and package managers leave behind.
 LEFTOVER_SUFFIXES = (
@@ -424,9 +428,11 @@ def _run_scripts(
     try:
         stdin = process.Stdin(stdin_fd)
     except OSError as error:
-        log.record("-", f"cannot read the domain XML from stdin: {error}; scripts get none")
+        log.record(
+            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
+        )
         stdin = process.Stdin(None)
-    rewrites = _Rewrites(stdin) if event.operation in REWRITABLE else None
+    rewrites = _Rewrites(stdin, log) if event.operation in REWRITABLE else None
     try:
         for index, script in enumerate(scripts):
             run = _run_one(script, event, stdin, settings, log, rewrites)
@@ -446,14 +452,27 @@ def _run_scripts(
 
 
 class _Rewrites:
-    """The rewrite chain of one call: the outbox, the original XML and its checks."""
+    """The rewrite chain of one call: the outbox, the original XML and its checks.
 
-    def __init__(self, stdin: "process.Stdin") -> None:
+    Without an outbox (no private directory could be made) the scripts run
+    without $KVMHOOK_XML_OUT, and only the previous hook can rewrite.
+    """
+
+    def __init__(self, stdin: "process.Stdin", log: HookLog) -> None:
         from kvmhook import rewrite
 
         self.original = stdin.read()
-        self.outbox = rewrite.Outbox()
-        self.variables = {rewrite.VARIABLE: self.outbox.path}
+        self.outbox: rewrite.Outbox | None = None
+        self.variables: dict[str, str] = {}
+        try:
+            self.outbox = rewrite.Outbox()
+            self.variables[rewrite.VARIABLE] = self.outbox.path
+        except OSError as error:
+            log.record(
+                "-",
+                f"xml: scripts run without ${rewrite.VARIABLE} and cannot rewrite the domain "
+                f"XML: {error.strerror}",
+            )
         self._reference: rewrite.Reference | None = None
 
     def after(self, run: Run, stdin: "process.Stdin", log: HookLog) -> "process.Stdin":
@@ -461,10 +480,7 @@ class _Rewrites:
         from kvmhook import process, rewrite
 
         name = run.script.name
-        try:
-            data = self.outbox.take()
-        except OSError as error:
-            data, run.bad_rewrite = None, f"cannot read ${rewrite.VARIABLE}: {error.strerror}"
+        data = self._taken(run)
         if data is not None and run.failed:
             log.record(name, f"xml: rewrite of {len(data)} bytes discarded: the script failed")
             return stdin
@@ -481,6 +497,25 @@ class _Rewrites:
         stdin.close()
         return process.Stdin.holding(data)
 
+    def _taken(self, run: Run) -> "bytes | None":
+        """`run`'s rewrite (None: none): the file at $KVMHOOK_XML_OUT, or what the
+        previous hook printed. Sets `run.bad_rewrite` when it cannot be taken whole."""
+        from kvmhook import rewrite
+
+        data = None
+        if self.outbox is not None:
+            try:
+                data = self.outbox.take()
+            except OSError as error:
+                run.bad_rewrite = f"cannot read ${rewrite.VARIABLE}: {error.strerror}"
+        if run.outcome is not None and _stdout_is_xml(run.script, self):
+            printed = _stdout(run.outcome)
+            if printed and run.outcome.dropped:
+                run.bad_rewrite = "its output went past the cap, so its domain XML may be cut"
+            elif printed:
+                data = printed
+        return data
+
     def result(self, stdin: "process.Stdin", log: HookLog) -> "bytes | None":
         """The final XML for libvirt, when it differs from the original."""
         final = stdin.read()
@@ -490,7 +525,18 @@ class _Rewrites:
         return final
 
     def close(self) -> None:
-        self.outbox.remove()
+        if self.outbox is not None:
+            self.outbox.remove()
+
+
+def _stdout_is_xml(script: Script, rewrites: "_Rewrites | None") -> bool:
+    """Whether `script`'s stdout is domain XML, taken as its rewrite and never logged:
+    the previous hook's, for migrate and restore."""
+    return rewrites is not None and script.name == PREVIOUS_HOOK
+
+
+def _stdout(outcome: "process.Outcome") -> bytes:
+    return b"".join(data for stream, data in outcome.segments if stream == "stdout")
 
 
 def _veto(
@@ -549,6 +595,12 @@ def _run_one(
         script.name,
         f"start: {' '.join(quote(arg) for arg in argv)} (timeout {settings.timeout:g}s)",
     )
+    xml_out = _stdout_is_xml(script, rewrites)
+    cap = settings.max_output
+    if xml_out:
+        from kvmhook.readfile import DOMAIN_XML_MAX
+
+        cap += DOMAIN_XML_MAX  # room for the XML besides what is logged
     fd = stdin.open()
     try:
         outcome = process.run(
@@ -556,7 +608,7 @@ def _run_one(
             fd,
             settings.timeout,
             settings.grace,
-            settings.max_output,
+            cap,
             None if rewrites is None else rewrites.variables,
         )
     except OSError as error:
@@ -564,7 +616,7 @@ def _run_one(
         return Run(script, None, error)
     finally:
         os.close(fd)
-    log.block(script.name, _end_records(outcome, settings))
+    log.block(script.name, _end_records(outcome, settings, xml_out))
     return Run(script, outcome, None)
 
 
@@ -580,8 +632,16 @@ def _exec_problem(error: OSError, path: str) -> str:
     return problem
 
 
-def _end_records(outcome: "process.Outcome", settings: Limits) -> "Iterator[str]":
-    yield from output_lines(outcome.segments)
+def _end_records(outcome: "process.Outcome", settings: Limits, xml_out: bool) -> "Iterator[str]":
+    """The records of a script's end; with `xml_out`, its stdout is the domain XML, which
+    holds secrets: only its size is logged."""
+    if xml_out:
+        yield from output_lines(seg for seg in outcome.segments if seg[0] == "stderr")
+        printed = sum(len(data) for stream, data in outcome.segments if stream == "stdout")
+        if printed:
+            yield f"stdout: {printed} bytes of domain XML, not logged: its rewrite"
+    else:
+        yield from output_lines(outcome.segments)
     if outcome.dropped:
         yield (
             f"output: {outcome.dropped} more bytes dropped "

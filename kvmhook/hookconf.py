@@ -9,6 +9,9 @@ settings is there with a value other than its default.
 
 from kvmhook import paths
 
+# A few settings take a few hundred bytes: a bigger file is not a kvmhook.conf.
+MAX_SIZE = 1024 * 1024
+
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from kvmhook.config import Config
@@ -51,10 +54,16 @@ class HookConf:
 
 
 def read() -> "HookConf | None":
-    """kvmhook.conf, or None when there is none. Raises OSError when it cannot be read."""
+    """kvmhook.conf, or None when there is none.
+
+    Raises OSError when it cannot be read: readfile.RefusedFile, saying why in
+    its strerror, when it is not a regular file (a FIFO would block the hook) or
+    is larger than MAX_SIZE.
+    """
+    from kvmhook import readfile
+
     path = paths.kvmhook_conf()
     try:
-        with open(path, "rb") as source:
-            return HookConf(path, source.read())
+        return HookConf(path, readfile.read(path, MAX_SIZE))
     except FileNotFoundError:
         return None

@@ -8,6 +8,10 @@ for it on every prepare and migrate.
 
 from kvmhook import paths
 
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 ENABLED = "Enabled"
 PREPARE = "PrepareForMaintenance"
 ERROR_IN_PREPARE = "ErrorInPrepareForMaintenance"
@@ -19,12 +23,23 @@ REFUSING = frozenset({PREPARE, ERROR_IN_PREPARE, MAINTENANCE})
 REFUSAL = "host is in maintenance mode; not accepting new guests"
 
 
-def read() -> "tuple[str, str]":
-    """(state, reason); an unreadable or unknown state counts as Enabled, never blocking guests."""
+def read(complain: "Callable[[str], None] | None" = None) -> "tuple[str, str]":
+    """(state, reason); an unreadable or unknown state counts as Enabled, never blocking guests.
+
+    Why a file that is there could not be read goes to `complain`, if given.
+    """
+    from kvmhook import readfile
+
+    path = paths.maintenance_state()
     try:
-        with open(paths.maintenance_state(), encoding="utf-8") as source:
-            lines = source.read(4096).splitlines()
-    except (OSError, UnicodeDecodeError):
+        # A state and a reason: a megabyte holds one naming thousands of stuck guests.
+        lines = readfile.read(path, 1024 * 1024).decode("utf-8").splitlines()
+    except FileNotFoundError:
+        return ENABLED, ""
+    except (OSError, UnicodeDecodeError) as error:
+        if complain is not None:
+            why = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            complain(f"cannot read {path}: {why}; counted as {ENABLED}")
         return ENABLED, ""
     state = lines[0].strip() if lines else ENABLED
     if state not in STATES:

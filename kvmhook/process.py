@@ -19,6 +19,8 @@ import os
 import select
 import time
 
+from kvmhook.readfile import DOMAIN_XML_MAX, too_large
+
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -90,12 +92,25 @@ class Stdin:
     """
 
     def __init__(self, source_fd: int | None) -> None:
+        """Read all of `source_fd` (None: nothing).
+
+        Raises OSError; readfile.RefusedFile past DOMAIN_XML_MAX bytes, the most
+        the hook takes for a domain XML, so that an endless stream cannot fill memory.
+        """
         self._fd = os.memfd_create("kvmhook-stdin")
-        while source_fd is not None:
-            chunk = os.read(source_fd, _READ_SIZE)
-            if not chunk:
-                break
-            write_all(self._fd, chunk)
+        size = 0
+        try:
+            while source_fd is not None:
+                chunk = os.read(source_fd, _READ_SIZE)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > DOMAIN_XML_MAX:
+                    raise too_large("stdin", DOMAIN_XML_MAX)
+                write_all(self._fd, chunk)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @classmethod
     def holding(cls, data: bytes) -> Stdin:

@@ -168,7 +168,7 @@ def _refused_for_maintenance(log: HookLog) -> bool:
     on stderr for libvirt to show; nothing else (reconnect above all) is ever blocked."""
     from kvmhook import hoststate
 
-    state, _ = hoststate.read()
+    state, _ = hoststate.read(lambda problem: log.record("-", f"maintenance: {problem}"))
     if state not in hoststate.REFUSING:
         return False
     log.record("-", f"refused: {hoststate.REFUSAL} (state {state}); no scripts run")

@@ -30,34 +30,41 @@ _FILE_NAME = "domain.xml"
 
 
 class Outbox:
-    """The private directory whose `domain.xml` is $KVMHOOK_XML_OUT for each script."""
+    """The private directory whose `domain.xml` is $KVMHOOK_XML_OUT for each script.
+
+    Made under $TMPDIR, else under /tmp, as `tempfile` does. Raises OSError,
+    naming every place tried, when none will do.
+    """
 
     def __init__(self) -> None:
         # TMPDIR is one of the few variables libvirt passes to its hooks.
-        base = os.environ.get("TMPDIR") or "/tmp"
-        while True:
-            directory = os.path.join(base, f"kvmhook-xml-{os.getpid()}-{os.urandom(6).hex()}")
+        bases = [base for base in (os.environ.get("TMPDIR"), "/tmp") if base]
+        problems = []
+        for base in dict.fromkeys(bases):  # each once: TMPDIR may be /tmp
             try:
-                os.mkdir(directory, 0o700)  # fails on an existing name: no one else's directory
+                self.directory = _private_directory(base)
                 break
-            except FileExistsError:
-                continue
-        self.directory = directory
-        self.path = os.path.join(directory, _FILE_NAME)
+            except OSError as error:
+                problems.append(f"{base}: {error.strerror}")
+        else:
+            raise OSError(None, f"no private directory ({'; '.join(problems)})")
+        self.path = os.path.join(self.directory, _FILE_NAME)
 
     def take(self) -> bytes | None:
         """What the last script wrote to the file (None: nothing), removing it.
 
-        Raises OSError when what is there cannot be read (a directory, say).
+        Raises OSError when what is there cannot be read; readfile.RefusedFile
+        when it is not a regular file (a FIFO, a link to /dev/zero) or is larger
+        than a domain XML may be (readfile.DOMAIN_XML_MAX).
         """
+        from kvmhook import readfile
+
         try:
-            with open(self.path, "rb") as written:
-                data = written.read()
+            return readfile.read(self.path, readfile.DOMAIN_XML_MAX)
         except FileNotFoundError:
             return None
         finally:
             _remove(self.path)
-        return data
 
     def remove(self) -> None:
         """Remove the directory, with whatever a script left in it."""
@@ -102,6 +109,17 @@ class Reference:
         if uuid != self.uuid:
             return f"<uuid> changed from {self.uuid!r} to {uuid!r}"
         return None
+
+
+def _private_directory(base: str) -> str:
+    """A new directory in `base` that only we can enter."""
+    while True:
+        directory = os.path.join(base, f"kvmhook-xml-{os.getpid()}-{os.urandom(6).hex()}")
+        try:
+            os.mkdir(directory, 0o700)  # fails on an existing name: no one else's directory
+            return directory
+        except FileExistsError:
+            continue
 
 
 def _remove(path: str) -> None:
