@@ -365,29 +365,34 @@ _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_C
 def _open_regular(path: str) -> BinaryIO:
     """`path` open for reading. Raises OSError, its strerror in words, unless a regular file.
 
-    O_NONBLOCK: a FIFO in a log's place must not block the viewer waiting for a
-    writer. O_NOFOLLOW: the hook never writes its log through a link, so one
-    there was put by someone else, and is not followed.
+    Looked at before it is opened: opening a FIFO or a device can block, or act
+    on it (a tape rewinds). A link is not followed: the hook never writes its
+    log through one, so one there was put by someone else. O_NOFOLLOW and
+    O_NONBLOCK cover a file swapped in between.
     """
-    try:
+    refused = _refusal(os.lstat(path).st_mode)
+    if refused is None:
         fd = os.open(path, _READ_FLAGS)
-    except OSError as error:
-        if error.errno == errno.ELOOP and os.path.islink(path):
-            raise OSError(error.errno, "a symbolic link, not followed", path) from None
-        raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+        refused = _refusal(os.fstat(fd).st_mode)
+        if refused is None:
+            return os.fdopen(fd, "rb")
         os.close(fd)
-        raise OSError(errno.EINVAL, f"{_file_type(mode)}, not a regular file", path)
-    return os.fdopen(fd, "rb")
+    raise OSError(errno.EINVAL, refused, path)
 
 
-def _file_type(mode: int) -> str:
+def _refusal(mode: int) -> str | None:
+    """Why a file of `mode` is not read, in words; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link, not followed"
     if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    return "a socket" if stat.S_ISSOCK(mode) else "a device"
+        kind = "a directory"
+    elif stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    else:
+        kind = "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"{kind}, not a regular file"
 
 
 def _reason(error: BaseException) -> str:

@@ -214,6 +214,23 @@ def test_non_regular_log_file_is_reported_and_skipped(host, kind, name):
     assert f"{name}: " in warning and warning.endswith("; skipped"), warning
 
 
+def test_a_fifo_is_never_opened(host):
+    """A FIFO in a log's place is looked at, not opened: a writer waiting on it stays blocked."""
+    write_log(host, "qemu-hook.log", record("no scripts for start", "live"))
+    fifo = host.log.parent / "qemu-hook.log.1"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"echo '{FORGED}' > {fifo}"])
+    try:
+        result = command(host, "--json", timeout=20)
+        time.sleep(0.5)
+        assert writer.poll() is None, "the viewer opened the FIFO"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert domains(result.stdout) == ["live"]
+    assert "qemu-hook.log.1: a FIFO, not a regular file; skipped" in result.stderr.decode()
+
+
 def test_unreadable_rotated_file_is_reported_and_skipped(host):
     """A rotated file the user cannot read is one warning; the live log still shows."""
     top = Path(tempfile.mkdtemp())  # outside pytest's 0700 tmp dir: another user must reach it
