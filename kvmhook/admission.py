@@ -162,18 +162,9 @@ def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float] | Non
                 f"neither {ENFORCE} nor {OFF}; admission control off",
             )
         return None
-    factors = []
-    given = (
-        ("cpu_factor", config.cpu_factor(settings)),
-        ("mem_factor", config.mem_factor(settings)),
-    )
-    for option, factor in given:
-        if factor is not None and not (math.isfinite(factor) and factor > 0):
-            raise ValueError(
-                f"{settings.path}: [capacity] {option} must be above 0, not {factor:g}"
-            )
-        factors.append(1.0 if factor is None else factor)
-    return factors[0], factors[1]
+    # config checks each factor's range (ConfigError), as for `kvmhook capacity`.
+    cpu_factor, mem_factor = config.cpu_factor(settings), config.mem_factor(settings)
+    return (1.0 if cpu_factor is None else cpu_factor), (1.0 if mem_factor is None else mem_factor)
 
 
 def _read_and_keep(fd: int) -> tuple[bytes, int]:

@@ -7,6 +7,7 @@ must be a regular file, and is read up to a limit; anything else is refused
 with the reason in words, and the caller falls back to its default.
 """
 
+import errno
 import os
 import stat
 
@@ -35,12 +36,15 @@ def too_large(path: str, limit: int) -> RefusedFile:
 def read(path: str, limit: int) -> bytes:
     """The bytes of the regular file at `path` (links followed), at most `limit` of them.
 
-    Raises FileNotFoundError when there is none, RefusedFile when it is not a
-    regular file or holds more than `limit` bytes, OSError when it cannot be read.
+    Raises FileNotFoundError when there is none, IsADirectoryError for a
+    directory, RefusedFile when it is not a regular file otherwise or holds
+    more than `limit` bytes, OSError when it cannot be read.
     """
     fd = os.open(path, _FLAGS)
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):  # said as open() would say it
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if not stat.S_ISREG(st.st_mode):
             raise RefusedFile(path, "not a regular file")
         if st.st_size > limit:

@@ -217,7 +217,7 @@ def test_other_operations_are_never_refused(marked, operation):
         (ENFORCE + "this is not a setting\n", "neither a [section] nor name = value"),
         ("admission = enforce\n", "a setting before any [section]"),
         (ENFORCE + "mem_factor = lots\n", "mem_factor = lots: not a number"),
-        (ENFORCE + "cpu_factor = 0\n", "cpu_factor must be above 0, not 0"),
+        (ENFORCE + "cpu_factor = 0\n", "cpu_factor must be above 0 and at most 1000, not 0"),
     ],
     ids=["syntax", "no section", "not a number", "zero factor"],
 )

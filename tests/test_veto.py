@@ -263,4 +263,4 @@ def test_an_unreadable_config_never_blocks_a_guest(host):
     result = hook(host, "start")
     assert (result.returncode, result.stderr, ran(host, "later")) == (0, b"", ["start"])
     [record] = [r for r in host.records() if " config: " in r]
-    assert record.endswith("kvmhook.conf: not a regular file; defaults apply")
+    assert record.endswith("kvmhook.conf: Is a directory; defaults apply")
