@@ -254,6 +254,25 @@ def test_unreadable_rotated_file_is_reported_and_skipped(host):
     assert "qemu-hook.log.1: Permission denied; skipped" in warning
 
 
+def test_closed_stdout_is_one_clear_error(host):
+    """With fd 1 closed, the command says so in one line on stderr and exits 1, no traceback."""
+    write_log(host, "qemu-hook.log", record("no scripts for start", "live"))
+    env = {**os.environ, "KVMHOOK_ROOT": str(host.root)}
+    env.pop("KVMHOOK_LOG_FILE", None)
+    python = f"{sys.executable} -c 'from kvmhook.cli import main; main()'"
+    result = subprocess.run(
+        ["sh", "-c", f"exec >&-; exec {python} hooks log"],
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "Error: no standard output to show the runs on (fd 1 is closed)\n"
+    )
+
+
 def peak_rss_kib(argv: list[str], env: dict[str, str]) -> int:
     """The peak resident memory of the command `argv`, in KiB."""
     probe = (
