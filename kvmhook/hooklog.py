@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # Flush the block to the file in pieces of about this size, so a script's
 # capped output never needs a second, formatted copy in memory.
 _WRITE_PIECE = 64 * 1024
+# The longest the hook waits for the log's lock before writing without it.
+LOCK_WAIT = 5.0
 _SAFE_VALUE_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+@,/%"
 )
@@ -96,6 +98,7 @@ class HookLog:
         self._echo = echo  # a text stream that also receives every record (CLI use)
         self._fd: int | None = None
         self._broken = False
+        self._unlocked = False  # the lock was held too long by someone else: write without it
 
     def record(self, script: str, text: str) -> None:
         """Append one record about `script` (`-` for the hook itself)."""
@@ -148,12 +151,34 @@ class HookLog:
             self._fail(error)
 
     def _lock(self, fd: int) -> None:
+        """Take the log's lock, waiting at most LOCK_WAIT seconds.
+
+        Other hooks hold it for the few milliseconds a block takes; anyone
+        else who can open the log could hold it for ever, and libvirtd waits
+        for the hook. After the wait the block is written unlocked: it may
+        interleave with another, but every line stays whole (O_APPEND).
+        """
         import fcntl
 
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:
-            self._fail(error)
+        if self._unlocked:
+            return  # waited once already: a hook must not wait again on every record
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._unlocked = True
+                    say(
+                        f"kvmhook: the log {self.path} stayed locked {LOCK_WAIT:g}s; "
+                        "writing without the lock"
+                    )
+                    return
+                time.sleep(0.01)
+            except OSError as error:
+                self._fail(error)
+                return
 
     def _unlock(self, fd: int) -> None:
         import fcntl

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -556,3 +557,39 @@ def test_without_any_private_directory_scripts_run_without_the_rewrite_file(host
     assert "xml: scripts run without $KVMHOOK_XML_OUT" in written
     assert "/nonexistent: No such file or directory; /tmp: Read-only file system" in written
     assert stat.S_ISDIR(os.stat("/tmp").st_mode)
+
+
+# --- the log's lock: someone who can open the log must not hold every hook --------------
+
+
+def test_a_log_locked_for_ever_delays_the_hook_once_never_blocks_it(host):
+    """A process holding the log's flock for ever costs the hook one LOCK_WAIT, not a hang."""
+    from kvmhook.hooklog import LOCK_WAIT
+
+    recorder(host, "all_10-a")
+    recorder(host, "all_20-b")
+    host.log.parent.mkdir(parents=True, exist_ok=True)
+    host.log.touch()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+            " print('locked', flush=True); time.sleep(600)",
+            str(host.log),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        result = host.hook("vm1", "start", "begin", "-", timeout=4 * LOCK_WAIT)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 0
+    assert ran(host) == ["all_10-a", "all_20-b"]
+    assert LOCK_WAIT <= took < 2 * LOCK_WAIT, took  # one wait, not one per record
+    assert b"stayed locked" in result.stderr
+    assert any(t.startswith("end: exit 0") for t in texts(host, "all_20-b"))
