@@ -21,6 +21,11 @@ STATES = (ENABLED, PREPARE, ERROR_IN_PREPARE, MAINTENANCE, ERROR_IN_MAINTENANCE)
 # While the host is being emptied or is empty for maintenance, no guest may arrive.
 REFUSING = frozenset({PREPARE, ERROR_IN_PREPARE, MAINTENANCE})
 REFUSAL = "host is in maintenance mode; not accepting new guests"
+# The most the hook reads of the file: a state and a reason. write() keeps the
+# reason well under it, so a long one (thousands of stuck guests) is cut, never
+# the cause of a file the hook refuses and reads as Enabled.
+_STATE_MAX = 1024 * 1024
+_REASON_MAX = 64 * 1024
 
 
 def read(complain: "Callable[[str], None] | None" = None) -> "tuple[str, str]":
@@ -32,8 +37,7 @@ def read(complain: "Callable[[str], None] | None" = None) -> "tuple[str, str]":
 
     path = paths.maintenance_state()
     try:
-        # A state and a reason: a megabyte holds one naming thousands of stuck guests.
-        lines = readfile.read(path, 1024 * 1024).decode("utf-8").splitlines()
+        lines = readfile.read(path, _STATE_MAX).decode("utf-8").splitlines()
     except FileNotFoundError:
         return ENABLED, ""
     except (OSError, UnicodeDecodeError) as error:
@@ -58,6 +62,9 @@ def write(state: str, reason: str = "") -> None:
 
     if state not in STATES:
         raise ValueError(f"unknown maintenance state {state!r}")
-    text = state + "\n" + (" ".join(reason.split()) + "\n" if reason else "")
+    reason = " ".join(reason.split())
+    if len(reason) > _REASON_MAX:
+        reason = reason[: _REASON_MAX - 1] + "…"
+    text = state + "\n" + (reason + "\n" if reason else "")
     with Transaction() as files:
         files.write(paths.maintenance_state(), text.encode(), mode=0o644, parent_mode=0o755)

@@ -80,3 +80,12 @@ def test_guests_arrive_when_not_refusing(root, state):
     assert root.hook("vm1", "prepare", "begin", "-").returncode == 0
     assert (root.root / "ran").exists()
     os.unlink(root.root / "ran")
+
+
+def test_a_huge_reason_is_cut_so_the_state_still_refuses(root):
+    """A reason of megabytes is shortened on write: the state file stays readable, still refusing."""
+    hoststate.write(hoststate.MAINTENANCE, "guest-stuck " * 500_000)
+    state, reason = hoststate.read()
+    assert state == hoststate.MAINTENANCE
+    assert reason.startswith("guest-stuck guest-stuck") and reason.endswith("…")
+    assert len(reason) <= 64 * 1024
