@@ -2,19 +2,20 @@
 
 Written for the cryptography the distributions ship (RHEL 9: 36, Debian 12:
 38), which has no chain verification of its own: a chain is checked link by
-link here, issuer name and signature.
+link here, as `openssl verify` checks it (see chain()).
 """
 
 from __future__ import annotations
 
 import datetime
 import re
-from typing import Union
+from typing import Any, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtensionOID
 
 from kvmhook.errors import KvmhookError
 
@@ -70,8 +71,9 @@ def key_matches(key: PrivateKey, cert: x509.Certificate) -> bool:
 
 
 def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Whether `issuer` signed `cert` (names match and the signature verifies)."""
-    if cert.issuer != issuer.subject:
+    """Whether `issuer` signed `cert`: names match, key identifiers (when both carry one)
+    match, and the signature verifies."""
+    if cert.issuer != issuer.subject or not _identifiers_match(cert, issuer):
         return False
     public = issuer.public_key()
     try:
@@ -95,21 +97,127 @@ def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def chain(cert: x509.Certificate, cas: list[x509.Certificate]) -> list[x509.Certificate]:
-    """`cert` followed by the CA certificates that certify it, up to a self-signed root.
+def _identifiers_match(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """OpenSSL looks for an issuer by these too: a mismatch means another issuer."""
+    authority = _extension(cert, x509.AuthorityKeyIdentifier)
+    if authority is None:
+        return True
+    subject = _extension(issuer, x509.SubjectKeyIdentifier)
+    key_id = authority.key_identifier
+    if key_id is not None and subject is not None and key_id != subject.digest:
+        return False
+    serial = authority.authority_cert_serial_number
+    return serial is None or serial == issuer.serial_number
 
-    Raises PkiError when `cas` do not lead from `cert` to a root.
+
+def chain(
+    cert: x509.Certificate,
+    cas: list[x509.Certificate],
+    untrusted: list[x509.Certificate] | None = None,
+    now: datetime.datetime | None = None,
+) -> list[x509.Certificate]:
+    """`cert` followed by the certificates that certify it, up to a self-signed root that is
+    one of `cas` (`untrusted` ones may be intermediates, never the root).
+
+    Raises PkiError, naming the certificate at fault, for whatever `openssl
+    verify -CAfile CAS` refuses: no path to one of `cas` (a self-signed `cert`
+    that is not one of them included), a CA certificate that may not sign
+    certificates, is not valid at `now` or is more intermediates away than its
+    path length allows, a critical extension OpenSSL does not handle. Name
+    constraints and policy constraints are not evaluated, so a chain using them
+    is refused too. `cert`'s own dates are check_validity's.
     """
+    now = now or utcnow()
+    candidates = cas + (untrusted or [])
     path = [cert]
     while not (path[-1].issuer == path[-1].subject and issued_by(path[-1], path[-1])):
-        issuer = next((ca for ca in cas if ca not in path and issued_by(path[-1], ca)), None)
-        if issuer is None:
+        issuers = [ca for ca in candidates if ca not in path and issued_by(path[-1], ca)]
+        if not issuers:
             raise PkiError(
                 f"certificate {describe(path[-1])} is not signed by any of the given CA "
                 f"certificates (it names its issuer {path[-1].issuer.rfc4514_string()})"
             )
-        path.append(issuer)
+        # Like OpenSSL, prefer an issuer valid now (a renewed CA certificate, same key).
+        valid = [ca for ca in issuers if not_before(ca) <= now <= not_after(ca)]
+        path.append((valid or issuers)[0])
+    if path[-1] not in cas:
+        raise PkiError(
+            f"certificate {describe(path[-1])} is self-signed and is not one of the given CA"
+            " certificates"
+        )
+    for below, ca in enumerate(path[1:]):
+        _check_issuer(ca, below, ca is path[-1], now)
+    for each in path:
+        _check_extensions(each)
     return path
+
+
+def _check_issuer(ca: x509.Certificate, below: int, root: bool, now: datetime.datetime) -> None:
+    """PkiError unless `ca` may sign the `below` intermediates and the certificate under it."""
+    usage = _extension(ca, x509.KeyUsage)
+    constraints = _extension(ca, x509.BasicConstraints)
+    if usage is not None and not usage.key_cert_sign:
+        raise PkiError(f"CA certificate {describe(ca)} may not sign certificates (keyUsage)")
+    if constraints is None and not (root and usage is not None):
+        raise PkiError(f"CA certificate {describe(ca)} is not a CA (no basicConstraints)")
+    if constraints is not None and not constraints.ca:
+        raise PkiError(f"CA certificate {describe(ca)} is not a CA (basicConstraints CA:FALSE)")
+    limit = None if constraints is None else constraints.path_length
+    if limit is not None and below > limit:
+        raise PkiError(
+            f"CA certificate {describe(ca)} allows {limit} intermediate(s)"
+            f" below it, the chain has {below}"
+        )
+    check_validity(ca, "CA certificate", now)
+
+
+# Extensions OpenSSL handles when critical (X509_supported_extension), less the ones
+# checked nowhere here, which _UNCHECKED refuses outright.
+_HANDLED = {
+    ExtensionOID.KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.CERTIFICATE_POLICIES,
+    ExtensionOID.CRL_DISTRIBUTION_POINTS,
+    ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.OCSP_NO_CHECK,
+    x509.ObjectIdentifier("2.16.840.1.113730.1.1"),  # Netscape certificate type
+}
+_UNCHECKED = {
+    ExtensionOID.NAME_CONSTRAINTS: "name constraints",
+    ExtensionOID.POLICY_CONSTRAINTS: "policy constraints",
+    ExtensionOID.POLICY_MAPPINGS: "policy mappings",
+    ExtensionOID.INHIBIT_ANY_POLICY: "inhibitAnyPolicy",
+}
+
+
+def _check_extensions(cert: x509.Certificate) -> None:
+    for extension in _extensions(cert):
+        if extension.oid in _UNCHECKED:
+            raise PkiError(
+                f"certificate {describe(cert)} carries {_UNCHECKED[extension.oid]}, which this"
+                " tool does not evaluate"
+            )
+        if extension.critical and extension.oid not in _HANDLED:
+            raise PkiError(
+                f"certificate {describe(cert)} has a critical extension that is not understood"
+                f" ({extension.oid.dotted_string})"
+            )
+
+
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    try:
+        return cert.extensions
+    except ValueError as error:  # a duplicate or malformed extension
+        raise PkiError(f"certificate {describe(cert)} has unreadable extensions: {error}") from None
+
+
+def _extension(cert: x509.Certificate, kind: type) -> Any:
+    """The value of `cert`'s extension of `kind`, or None."""
+    try:
+        return _extensions(cert).get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def check_validity(cert: x509.Certificate, what: str, now: datetime.datetime | None = None) -> None:

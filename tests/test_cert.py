@@ -185,6 +185,33 @@ def test_status_reports_a_key_that_does_not_match(agent):
     assert any("does not match the certificate" in problem for problem in finding["problems"])
 
 
+def test_status_refuses_a_self_signed_certificate_and_an_unrelated_ca(agent):
+    """A self-signed cloud.crt for cloud.key, beside an unrelated CA, is no chain (openssl
+    verify refuses it too): exit 1, the certificate named."""
+    _, directory, _ = agent
+    key = serialization.load_pem_private_key((directory / "cloud.key").read_bytes(), None)
+    now = datetime.datetime.utcnow()
+    self_signed = (
+        x509.CertificateBuilder()
+        .subject_name(_name("self-signed host"))
+        .issuer_name(_name("self-signed host"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=300))
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cloud.crt").write_bytes(self_signed.public_bytes(serialization.Encoding.PEM))
+    result = kvmhook("cert", "status", "--json")
+    assert result.returncode == 1
+    (finding,) = json.loads(result.stdout)
+    assert finding["key_matches"] is True and finding["chain_verifies"] is False
+    assert (
+        "certificate 'CN=self-signed host' is self-signed and is not one of the given CA"
+        " certificates" in finding["problems"]
+    )
+
+
 def test_status_checks_libvirt_copies_when_libvirtd_is_configured(agent):
     """With libvirtd.conf present, missing or differing libvirt/QEMU copies are problems."""
     root, directory, ca = agent
