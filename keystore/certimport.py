@@ -69,7 +69,11 @@ def check(
     new_passphrase: str | None = None,
 ) -> Installation:
     """Everything keystore-cert-import checks before it writes; the files it would write."""
-    text = _read_properties(properties_file, missing_ok=new_passphrase is not None)
+    text = properties.read(properties_file)
+    if text is None:
+        if new_passphrase is None:
+            raise KeystoreError(f"properties file {properties_file} does not exist")
+        text = ""
     passphrase = properties.passphrase(text) or new_passphrase
     if passphrase is None:
         raise KeystoreError(f"properties file {properties_file} holds no keystore.passphrase")
@@ -92,22 +96,10 @@ def check(
         )
     ]
     if properties.passphrase(text) is None:
-        data = properties.with_passphrase(text, passphrase).encode()
+        data = properties.with_passphrase(text, passphrase).encode(properties.ENCODING)
         writes.append((properties_file, data, 0o600, None, None))
     writes.append((keystore_file, store.dump(key, chain, passphrase), 0o600, None, None))
     return Installation(material, writes)
-
-
-def _read_properties(path: str, missing_ok: bool) -> str:
-    try:
-        with open(path, encoding="utf-8") as source:
-            return source.read()
-    except FileNotFoundError:
-        if missing_ok:
-            return ""
-        raise KeystoreError(f"properties file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise KeystoreError(f"cannot read properties file {path}: {error}") from None
 
 
 def _pem(encoded: str, path: str, what: str) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import socket
 
 import psutil
@@ -14,9 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from keystore import properties, store
+from kvmhook import limits
 from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 from kvmhook.pki import PrivateKey, utcnow
+
+MAX_VALIDITY_DAYS = limits.MAX_DAYS
 
 
 def setup(
@@ -28,9 +30,11 @@ def setup(
     key_type: str = "rsa",
 ) -> bytes:
     """Create the key, keystore and CSR; returns the CSR (PEM). Nothing changes on error."""
-    if validity_days < 1:
-        raise KeystoreError(f"validity days must be 1 or more, not {validity_days}")
-    text = _read_text(properties_file)
+    if not 1 <= validity_days <= MAX_VALIDITY_DAYS:
+        raise KeystoreError(
+            f"validity days must be from 1 to {MAX_VALIDITY_DAYS}, not {validity_days}"
+        )
+    text = properties.read(properties_file) or ""
     passphrase = properties.passphrase(text) or passphrase
     if not passphrase:
         raise KeystoreError("the passphrase is empty and the properties file holds none")
@@ -50,7 +54,10 @@ def setup(
     csr_pem = csr.public_bytes(serialization.Encoding.PEM)
     with Transaction() as files:
         files.write(csr_file, csr_pem, mode=0o644)
-        files.write(properties_file, properties.with_passphrase(text, passphrase).encode())
+        files.write(
+            properties_file,
+            properties.with_passphrase(text, passphrase).encode(properties.ENCODING),
+        )
         files.write(keystore_file, store.dump(key, [placeholder], passphrase))
     return csr_pem
 
@@ -82,16 +89,6 @@ def fqdn() -> str:
     return canonical if canonical and not canonical.startswith("localhost") else name
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as source:
-            return source.read()
-    except FileNotFoundError:
-        return ""
-    except (OSError, UnicodeDecodeError) as error:
-        raise KeystoreError(f"cannot read properties file {path}: {error}") from None
-
-
 def _new_key(key_type: str) -> PrivateKey:
     if key_type == "ec":
         return ec.generate_private_key(ec.SECP256R1())
@@ -114,6 +111,3 @@ def _self_signed(
         .add_extension(names, critical=False)
         .sign(key, hashes.SHA256())
     )
-
-
-_ = os

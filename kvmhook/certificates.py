@@ -102,7 +102,7 @@ def _inspect(finding: Finding, warn_days: int, now: datetime.datetime) -> Findin
             finding.problems.append(f"{finding.files['key']} does not match the certificate")
         cas = pki.load_certificates(_read(finding.files["ca"]), finding.files["ca"])
         try:
-            pki.chain(cert, certs[1:] + cas)
+            pki.chain(cert, cas, untrusted=certs[1:], now=now)
             finding.chain_verifies = True
         except pki.PkiError as error:
             finding.chain_verifies = False
@@ -149,8 +149,9 @@ def _check_keystore(agent: Finding, agent_dir: str) -> None:
         agent.problems.append(f"{keystore}: no keystore")
         return
     try:
-        text = _read(os.path.join(agent_dir, "agent.properties")).decode(errors="replace")
-        passphrase = properties.passphrase(text)
+        passphrase = properties.passphrase(
+            properties.read(os.path.join(agent_dir, "agent.properties")) or ""
+        )
         if passphrase is None:
             raise pki.PkiError("agent.properties holds no keystore.passphrase")
         cert = store.load(keystore, passphrase)[1]
