@@ -8,16 +8,30 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Callable
 
 import click
 
-from keystore import certimport, setup
-from kvmhook import pki
-from kvmhook.errors import KvmhookError
+from keystore import certimport, setup, store
+from kvmhook import files, locks, pki
+from kvmhook.cli.options import DAYS
+from kvmhook.errors import KeystoreBusyError, KeystoreError, KvmhookError
 
 # Options go first: after the first argument nothing is an option, so content
 # that begins "-----BEGIN" stays an argument.
 _SETTINGS = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": False}
+
+
+def _passphrase(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        store.check_passphrase(value)
+    except KeystoreError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _waiting(prog: str) -> Callable[[str], None]:
+    return lambda line: click.echo(f"{prog}: {line}", err=True)
 
 
 @click.command(
@@ -26,8 +40,8 @@ _SETTINGS = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": F
 )
 @click.argument("properties_file")
 @click.argument("keystore_file")
-@click.argument("passphrase")
-@click.argument("validity_days", type=int)
+@click.argument("passphrase", callback=_passphrase)
+@click.argument("validity_days", type=DAYS)
 @click.argument("csr_file")
 @click.option(
     "--key-type",
@@ -47,8 +61,15 @@ def setup_command(
     """Create a new private key in KEYSTORE_FILE (PKCS#12, alias `cloud`, with a
     self-signed placeholder valid VALIDITY_DAYS), keep PASSPHRASE in PROPERTIES_FILE
     as keystore.passphrase= (one already there is reused), and write a CSR for this
-    host (CN = FQDN, SANs = FQDN and its addresses) to CSR_FILE and stdout."""
-    csr = setup.setup(properties_file, keystore_file, passphrase, validity_days, csr_file, key_type)
+    host (CN = FQDN, SANs = FQDN and its addresses) to CSR_FILE and stdout.
+    PASSPHRASE is printable ASCII (Java opens a keystore with nothing else);
+    VALIDITY_DAYS is from 1 to 36500. Waits while a certificate renewal,
+    rollback or other keystore tool runs."""
+    with locks.certificates(KeystoreBusyError, _waiting("keystore-setup")):
+        files.recover([properties_file, keystore_file, csr_file])
+        csr = setup.setup(
+            properties_file, keystore_file, passphrase, validity_days, csr_file, key_type
+        )
     click.echo(csr.decode(), nl=False)
 
 
@@ -88,17 +109,22 @@ def import_command(
     """Check the CA-signed certificate against the key, the CA chain and the
     clock, then install it: keystore (renamed into place last), cloud.crt,
     cloud.key, cloud.ca.crt beside it, and libvirt's and QEMU's TLS files when
-    /etc/libvirt/libvirtd.conf exists. A KEY_CONTENT replaces the keystore's key."""
-    material = certimport.check(
-        properties_file,
-        keystore_file,
-        cert_file,
-        cert_content,
-        ca_file,
-        ca_content,
-        key_file,
-        key_content,
-    ).install()
+    /etc/libvirt/libvirtd.conf exists. A KEY_CONTENT replaces the keystore's key.
+    All of them or none: an interrupted import is undone by the next one. Waits
+    while a certificate renewal, rollback or other keystore tool runs."""
+    with locks.certificates(KeystoreBusyError, _waiting("keystore-cert-import")):
+        targets = certimport.target_paths(keystore_file, cert_file, ca_file, key_file)
+        files.recover([*targets, properties_file])
+        material = certimport.check(
+            properties_file,
+            keystore_file,
+            cert_file,
+            cert_content,
+            ca_file,
+            ca_content,
+            key_file,
+            key_content,
+        ).install()
     cert = material.chain[0]
     click.echo(
         f"imported {cert.subject.rfc4514_string()} (valid until {pki.not_after(cert)} UTC, "

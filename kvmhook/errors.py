@@ -9,12 +9,20 @@ class KvmhookError(Exception):
     """Base of every error the project reports to an operator."""
 
 
+class LockError(KvmhookError):
+    """A lock file under /run/kvmhook cannot be opened: the command cannot run safely."""
+
+
 class CustomDirError(KvmhookError):
     """The custom scripts directory is missing, unreadable or unsafe: nothing runs."""
 
 
 class KeystoreError(KvmhookError):
     """A keystore, properties file or argument of the keystore tools is unusable."""
+
+
+class KeystoreBusyError(KeystoreError):
+    """Another certificate change held the lock for longer than a keystore tool waits."""
 
 
 class VirtError(KvmhookError):
@@ -79,6 +87,10 @@ class MaintenanceAbortedError(MaintenanceError):
 
 class DrainCancelledError(MaintenanceError):
     """Maintenance was cancelled (here or at the controller) while the host was being drained."""
+
+
+class MaintenanceBusyError(MaintenanceError):
+    """Another `kvmhook maintenance enter` is running: this one changed nothing."""
 
 
 class StateFileError(MaintenanceError):

@@ -12,18 +12,20 @@ so that the hook enforces the controller's state as well.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from kvmhook import hoststate, paths, virt
+from kvmhook import hoststate, locks, paths, virt
 from kvmhook import migrate as migration
 from kvmhook.errors import (
     DrainCancelledError,
     IllegalTransitionError,
     KvmhookError,
     MaintenanceAbortedError,
+    MaintenanceBusyError,
     MaintenanceError,
     MaintenanceFailedError,
     MigrationAbortedError,
@@ -75,11 +77,27 @@ def check(target: str) -> str:
     return current
 
 
+def entering() -> contextlib.AbstractContextManager[None]:
+    """The lock an `enter` holds for its whole run (a drain can take an hour): a second
+    `enter` meanwhile is refused at once with MaintenanceBusyError, changing nothing.
+
+    `cancel` takes no lock: it must be able to stop a drain under way.
+    """
+    return locks.held(
+        paths.maintenance_lock(),
+        "another `kvmhook maintenance enter`",
+        0,
+        lambda message: MaintenanceBusyError(
+            f"{message}: it is still running (see `kvmhook maintenance status`)"
+        ),
+    )
+
+
 def move(target: str, reason: str = "") -> str:
     """Record `target` (and why) when the table allows it; returns the state left.
 
-    Not locked against a second `kvmhook maintenance` at the very same moment:
-    the window is one read and one rename, and both commands are an operator's.
+    Two `enter`s are serialised by entering(); a `cancel` may move the state
+    between an enter's reads, which the drain checks for (_stop_if_cancelled).
     """
     current = check(target)
     _record(target, reason)

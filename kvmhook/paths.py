@@ -121,11 +121,17 @@ def qemu_hook_dir() -> str:
 
 
 def cert_renew_lock() -> str:
-    """The lock that keeps two certificate renewals (or rollbacks) from interleaving.
+    """The lock that keeps certificate renewals, rollbacks, keystore-setup and
+    keystore-cert-import from interleaving (kvmhook.locks.certificates).
 
     Under /run: a lock needs no history, and a reboot clears it.
     """
     return under_root("/run/kvmhook/cert-renew.lock")
+
+
+def maintenance_lock() -> str:
+    """The lock a `kvmhook maintenance enter` holds for its whole drain."""
+    return under_root("/run/kvmhook/maintenance.lock")
 
 
 def libvirt_admin_socket(daemon: str) -> str:

@@ -21,14 +21,14 @@ A renewal (`renew`) is the controller's flow run by the agent itself:
 `rollback` swaps each file with its .prev (after checking that the previous
 set is whole and valid) through the same steps 5 to 7.
 
-One lock serializes renewals and rollbacks; see `_locked`.
+One lock (kvmhook.locks.certificates) serializes renewals, rollbacks and the
+keystore tools: a second one waits for the first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import os
 import secrets
 import signal
@@ -42,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from keystore import certimport, content, properties, setup, store
-from kvmhook import paths, pki, process, startup, tls
+from kvmhook import locks, paths, pki, process, startup, tls
 from kvmhook.errors import (
     CannotReloadOnlineError,
     ControllerError,
@@ -59,10 +59,6 @@ from kvmhook.files import Transaction
 SIGNER_TIMEOUT = 120.0
 # CloudStack's default ca.framework.cert.expiry.alert.period, in days.
 DEFAULT_WITHIN_DAYS = 15
-# How long a second renewal waits for the first: longer than one can take
-# (the signer's 120 s, the controller's job, a reload or a restart).
-LOCK_WAIT = 600.0
-_LOCK_POLL = 0.1
 # A restarted daemon needs a moment before it listens again; a reloaded one does not.
 _RESTART_LISTEN_WAIT = 60.0
 # Beside each file a renewal replaces: its previous content, for one rollback step.
@@ -146,7 +142,7 @@ def renew(
     set was installed and taken back, RollbackFailedError when taking it
     back failed too; any other KvmhookError: nothing changed.
     """
-    with _locked(say):
+    with locks.certificates(RenewalBusyError, say):
         current = _current(agent_dir)
         if within_days is not None:
             days = within_days if isinstance(within_days, int) else within_days()
@@ -188,7 +184,7 @@ def rollback(agent_dir: str, allow_restart: bool = False, say: Say = lambda line
     previous certificate matches its key, chains to its CA and is valid now.
     Rolling back again returns to the set rolled back from.
     """
-    with _locked(say):
+    with locks.certificates(RenewalBusyError, say):
         targets = _targets(agent_dir)
         missing = [path + PREVIOUS for path in targets if not os.path.exists(path + PREVIOUS)]
         if missing:
@@ -410,47 +406,6 @@ class _Serving:
                 time.sleep(0.5)
 
 
-@contextlib.contextmanager
-def _locked(say: Say) -> Iterator[None]:
-    """Hold the renewal lock; a second renewal or rollback waits for it (up to LOCK_WAIT).
-
-    It waits rather than fails: the second one is a timer's run or an
-    operator's, and each checks what is due only once it holds the lock, so
-    the second finds the first's certificate and, with --if-expiring-within,
-    has nothing to do. flock, not a pid file: the kernel drops it when its
-    holder dies, so there is never a stale lock to clean up.
-    """
-    path = paths.cert_renew_lock()
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        raise RotationError(f"cannot open the lock {path}: {error.strerror}") from None
-    try:
-        deadline = time.monotonic() + LOCK_WAIT
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                if time.monotonic() >= deadline:
-                    raise RenewalBusyError(
-                        f"another renewal or rollback (pid {holder}) has held {path}"
-                        f" for more than {LOCK_WAIT:g} s"
-                    ) from None
-                if not waiting:
-                    say(f"waiting for the renewal or rollback running as pid {holder} ({path})")
-                    waiting = True
-                time.sleep(_LOCK_POLL)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _targets(agent_dir: str) -> list[str]:
     """Every file a renewal replaces, as keystore-cert-import writes them (keystore last)."""
     return certimport.target_paths(
@@ -480,16 +435,9 @@ def _new_set(
     keystore-cert-import checks; made in a private scratch directory, so nothing installed
     changes until the swap."""
     props = os.path.join(agent_dir, "agent.properties")
-    try:
-        with open(props, encoding="utf-8") as source:
-            text = source.read()
-    except FileNotFoundError:
-        text = ""
-    passphrase = properties.passphrase(text) or secrets.token_urlsafe(24)
+    passphrase = properties.passphrase(properties.read(props) or "") or secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="kvmhook-renew-") as scratch:
-        scratch_props = os.path.join(scratch, "agent.properties")
-        with open(scratch_props, "w", encoding="utf-8") as target:
-            target.write(f"keystore.passphrase={passphrase}\n")
+        scratch_props = os.path.join(scratch, "agent.properties")  # setup writes it
         scratch_keystore = os.path.join(scratch, "cloud.jks")
         csr_file = os.path.join(scratch, "cloud.csr")
         csr = setup.setup(

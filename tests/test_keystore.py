@@ -237,10 +237,13 @@ def x509_key(path: Path):
 
 
 def snapshot(*directories: Path) -> dict[str, tuple]:
-    """Every file and directory under `directories`: type, mode, owner and bytes."""
+    """Every file and directory under `directories`: type, mode, owner and bytes; the
+    tools' lock under run/kvmhook aside (it holds the last holder's pid)."""
     seen: dict[str, tuple] = {}
     for top in directories:
         for directory, names, regular in os.walk(top):
+            if directory.endswith(os.path.join("", "run", "kvmhook")):
+                continue
             for name in names + regular:
                 path = os.path.join(directory, name)
                 info = os.lstat(path)
@@ -430,16 +433,28 @@ def test_setup_again_makes_a_new_key(tmp_path):
     assert agent.passphrase() == PASSPHRASE
 
 
-def test_setup_in_process_rejects_zero_validity(tmp_path, monkeypatch, capsys):
-    """setup_main with 0 validity days returns 1 with one line and writes nothing."""
+@pytest.mark.parametrize("days", ["0", "36501", "99999999", "9" * 5000, "-1", "1e3", "x"])
+def test_setup_in_process_refuses_validity_days_out_of_range(tmp_path, monkeypatch, capsys, days):
+    """setup_main with validity days outside 1 to 36500 (or not a number) is a usage error: exit
+    2, one line naming the argument and the range, nothing written."""
     agent = Agent.create(tmp_path)
     monkeypatch.setenv("KVMHOOK_ROOT", str(agent.root))
-    args = [str(agent.properties), str(agent.keystore), PASSPHRASE, "0", str(agent.csr)]
-    assert cli.setup_main(args) == 1
+    args = [str(agent.properties), str(agent.keystore), PASSPHRASE, days, str(agent.csr)]
+    assert cli.setup_main(args) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "keystore-setup: validity days must be 1 or more, not 0\n"
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("keystore-setup: Invalid value for ")
+    assert "VALIDITY_DAYS" in captured.err and "from 1 to 36500" in captured.err
     assert os.listdir(agent.dir) == []
+
+
+def test_setup_accepts_the_longest_validity(tmp_path):
+    """36500 days, the top of the range, makes a placeholder valid that long."""
+    agent = Agent.create(tmp_path)
+    ok(agent.setup(days="36500"))
+    placeholder = agent.load()[1]
+    assert (pki.not_after(placeholder) - testca.now()).days == 36499
 
 
 # --- round trips ---------------------------------------------------------------------
@@ -473,7 +488,7 @@ def test_round_trip_with_two_level_ca(tmp_path, ca, mode, with_key):
         "verify", "-CAfile", str(root_file), "-untrusted", str(agent.ca), str(agent.cert)
     )
     assert strict.returncode == 0, strict.stdout + strict.stderr
-    assert os.listdir(agent.root) == []  # no libvirtd.conf: no TLS files
+    assert os.listdir(agent.root) == ["run"]  # the lock; no libvirtd.conf: no TLS files
 
 
 def test_round_trip_ec_key_and_ec_chain(tmp_path, ca):
@@ -675,6 +690,7 @@ def test_tls_files_installed_when_libvirtd_conf_exists(tmp_path, ca):
         os.path.relpath(os.path.join(d, f), agent.root)
         for d, _, names in os.walk(agent.root)
         for f in names
+        if not d.endswith("run/kvmhook")
     )
     assert files == sorted(["etc/libvirt/libvirtd.conf", *TLS_CA, *TLS_CERTS, *TLS_KEYS])
 
@@ -692,7 +708,8 @@ def _tls_paths(root: Path) -> list[str]:
 
 
 def test_no_tls_files_without_libvirtd_conf(tmp_path, ca):
-    """Without <root>/etc/libvirt/libvirtd.conf nothing is written under the root."""
+    """Without <root>/etc/libvirt/libvirtd.conf nothing is written under the root but the
+    tools' lock."""
     agent = Agent.create(tmp_path)
     (agent.root / "etc/libvirt").mkdir(parents=True)
     (agent.root / "etc/libvirt/qemu.conf").write_text("")
@@ -704,6 +721,9 @@ def test_no_tls_files_without_libvirtd_conf(tmp_path, ca):
         "etc",
         "etc/libvirt",
         "etc/libvirt/qemu.conf",
+        "run",
+        "run/kvmhook",
+        "run/kvmhook/cert-renew.lock",
     ]
 
 

@@ -627,6 +627,38 @@ def test_cli_enter_exit_4_when_aborted(root, wired):
     assert hoststate.read()[0] == ERROR_IN_PREPARE
 
 
+def test_cli_a_second_enter_during_a_drain_is_refused_at_once(root, wired):
+    """While an enter drains the host, a second `kvmhook maintenance enter` (another process)
+    exits 3 at once saying the first (its pid) is running, and changes nothing; the first
+    finishes, and then the lock is free."""
+    seconds = []
+
+    def second_enter() -> None:
+        seconds.append(
+            subprocess.run(
+                [str(Path(sys.executable).parent / "kvmhook"), "maintenance", "enter"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "KVMHOOK_ROOT": str(root)},
+                timeout=60,
+            )
+        )
+
+    wired.libvirt.guests = [guest("vm1")]
+    wired.libvirt.during = second_enter
+    assert invoke("enter", "--to", "kvm2").exit_code == 0
+    (second,) = seconds
+    assert second.returncode == 3, second.stderr
+    assert second.stderr == (
+        f"Error: another `kvmhook maintenance enter` (pid {os.getpid()}) holds"
+        f" {root / 'run/kvmhook/maintenance.lock'}: it is still running"
+        " (see `kvmhook maintenance status`)\n"
+    )
+    assert hoststate.read()[0] == MAINTENANCE
+    with host_maintenance.entering():
+        pass
+
+
 def test_cli_cancel_exit_0_then_3(root, wired):
     hoststate.write(ERROR_IN_PREPARE, "vm1: boom")
     result = invoke("cancel")

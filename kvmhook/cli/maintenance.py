@@ -13,6 +13,7 @@ from kvmhook.errors import (
     IllegalTransitionError,
     KvmhookError,
     MaintenanceAbortedError,
+    MaintenanceBusyError,
     MigrationError,
     PeersRequiredError,
 )
@@ -31,7 +32,8 @@ Exit codes:
      the reason in kvmhook maintenance status), the controller reports an error state,
      or libvirt, the controller or the state file failed
   2  usage error; standalone, also: guests are running and no --to was given
-  3  refused: not a legal transition from the current state; nothing changed
+  3  refused: not a legal transition from the current state, or another enter is
+     running; nothing changed
   4  aborted: --timeout reached or Ctrl-C (standalone: ErrorInPrepareForMaintenance)
 
 \b
@@ -96,17 +98,20 @@ def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> N
 
     libvirt = _libvirt(source_uri)
     try:
-        controller = host_maintenance.load_controller()
-        if controller is None:
-            moved = host_maintenance.enter_standalone(libvirt, _peers(to), timeout, click.echo)
-            outcome = f"{host_maintenance.MAINTENANCE}: {len(moved)} guest(s) moved off this host"
-        else:
-            if to is not None:
-                raise click.UsageError("--to is for a host without a controller")
-            state = host_maintenance.enter_with_controller(
-                controller, libvirt, wait, timeout, click.echo
-            )
-            outcome = f"the controller has the host in {state}"
+        with host_maintenance.entering():
+            controller = host_maintenance.load_controller()
+            if controller is None:
+                moved = host_maintenance.enter_standalone(libvirt, _peers(to), timeout, click.echo)
+                outcome = (
+                    f"{host_maintenance.MAINTENANCE}: {len(moved)} guest(s) moved off this host"
+                )
+            else:
+                if to is not None:
+                    raise click.UsageError("--to is for a host without a controller")
+                state = host_maintenance.enter_with_controller(
+                    controller, libvirt, wait, timeout, click.echo
+                )
+                outcome = f"the controller has the host in {state}"
     except KvmhookError as error:
         raise _failure(error) from None
     except KeyboardInterrupt:
@@ -190,7 +195,7 @@ def _failure(error: KvmhookError) -> click.ClickException:
     """The error as click shows it, with the exit code the epilogs promise."""
     if isinstance(error, PeersRequiredError):
         return click.UsageError(str(error))
-    if isinstance(error, IllegalTransitionError):
+    if isinstance(error, (IllegalTransitionError, MaintenanceBusyError)):
         return _exit(str(error), EXIT_REFUSED)
     if isinstance(error, MaintenanceAbortedError):
         return _exit(str(error), EXIT_ABORTED)
