@@ -10,7 +10,7 @@ cd "$REPO"
 need_debs libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
     make dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click \
     python3-cryptography python3-cs python3-libvirt python3-psutil python3-requests \
-    rpm logrotate default-jre-headless openssl systemd
+    rpm logrotate default-jre-headless default-jdk-headless openssl systemd
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
