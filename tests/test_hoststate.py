@@ -83,7 +83,7 @@ def test_guests_arrive_when_not_refusing(root, state):
 
 
 def test_a_huge_reason_is_cut_so_the_state_still_refuses(root):
-    """A reason of megabytes is shortened on write: the state file stays readable, still refusing."""
+    """A reason of megabytes is cut on write: the state file stays readable, still refusing."""
     hoststate.write(hoststate.MAINTENANCE, "guest-stuck " * 500_000)
     state, reason = hoststate.read()
     assert state == hoststate.MAINTENANCE
