@@ -1,4 +1,4 @@
-"""The benchmark stays runnable: a short run yields every figure the README quotes."""
+"""The benchmark stays runnable: a short run yields every figure docs/performance.md quotes."""
 
 from __future__ import annotations
 

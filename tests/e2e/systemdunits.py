@@ -112,7 +112,7 @@ def seconds(span: str) -> float:
 
 
 def check_contract(service_text: str, timer_text: str) -> None:
-    """The units do what issue 8 and the README promise: a daily, randomly delayed,
+    """The units do what issue 8 and docs/certificates.md promise: a daily, randomly delayed,
     persistent timer that is the only way in, and a oneshot `kvmhook cert renew
     --if-expiring-within auto` whose output goes to the journal."""
     timer = parse(timer_text)
