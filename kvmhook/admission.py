@@ -8,9 +8,10 @@ one other than `off` is logged as a `config:` record):
     cpu_factor = 2
     mem_factor = 1
 
-Capacity is `kvmhook capacity`'s: logical CPUs x cpu_factor against vCPUs,
-physical memory x mem_factor against the guests' maximum memory (`<memory>`,
-not the balloon's `<currentMemory>`), each factor 1 when unset. The factors
+Capacity is `kvmhook capacity`'s, by the same formula (kvmhook.overprovision):
+logical CPUs x cpu_factor against vCPUs, physical memory x mem_factor against
+the guests' maximum memory (`<memory>`, not the balloon's `<currentMemory>`),
+each factor 1 when unset. The factors
 come from kvmhook.conf only: the hook runs while libvirtd waits for it and
 must not wait on a controller over the network, so a host whose factors are
 set per cluster in the controller needs the same figures in kvmhook.conf.
@@ -44,12 +45,11 @@ mistake, not a reservation system.
 
 A broken kvmhook.conf, an unreadable XML or any error here never blocks a
 guest: it is logged and the guest is admitted. Standard library only;
-xml.etree is imported only when admission is enforced.
+xml.etree and kvmhook.overprovision are imported only when admission is enforced.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 from kvmhook import paths, readfile
@@ -182,21 +182,22 @@ def _refusal(domain: str, xml: bytes, factors: tuple[float, float], log: HookLog
     """The message refusing `domain`, or None when it fits."""
     from xml.etree import ElementTree
 
+    from kvmhook import overprovision
+
     vcpus, memory = size(ElementTree.fromstring(xml))
     used_vcpus, used_memory = _running(domain, log)
     cpu_factor, mem_factor = factors
-    cores = os.cpu_count() or 0
+    # The physical figures from os, as psutil reads them for `kvmhook capacity`: psutil
+    # would cost the hook ~15 ms of imports.
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu_capacity = cores * cpu_factor
-    # Whole bytes, rounded down, as `kvmhook capacity` counts them.
-    mem_capacity = math.floor(physical * mem_factor)
-    if used_vcpus + vcpus <= cpu_capacity and used_memory + memory <= mem_capacity:
+    cpu = overprovision.Resource(os.cpu_count() or 0, cpu_factor, used_vcpus)
+    mem = overprovision.Resource(physical, mem_factor, used_memory, whole=True)
+    if cpu.fits(vcpus) and mem.fits(memory):
         return None
     return (
         f"admission: guest {domain} needs {_vcpus(vcpus)} and {_mib(memory)} MiB;"
-        f" this host has {_vcpus(cpu_capacity - used_vcpus)} and"
-        f" {_mib(mem_capacity - used_memory)} MiB free"
-        f" of {_vcpus(cpu_capacity)} and {_mib(mem_capacity)} MiB"
+        f" this host has {_vcpus(cpu.free)} and {_mib(mem.free)} MiB free"
+        f" of {_vcpus(cpu.capacity)} and {_mib(mem.capacity)} MiB"
         f" (cpu factor {cpu_factor:g}, memory factor {mem_factor:g})"
     )
 

@@ -1,9 +1,10 @@
 """This host's capacity: CPU and memory, physical, over-provisioned, used and free.
 
-The admin guide's over-provisioning: capacity = physical x factor, per
-resource; used = what the running guests were given; free = capacity - used.
-CPU is counted in logical cores against vCPUs, memory in bytes. Free goes
-below 0 when the guests hold more than the factor allows.
+The admin guide's over-provisioning, as kvmhook.overprovision computes it:
+capacity = physical x factor, per resource; used = what the running guests
+were given; free = capacity - used. CPU is counted in logical cores against
+vCPUs, memory in bytes. Free goes below 0 when the guests hold more than the
+factor allows.
 
 Factors, per resource, the first that is set: the flag (--cpu-factor,
 --mem-factor); the controller's settings for this host's cluster
@@ -16,14 +17,13 @@ instead: the report matters most when something is wrong.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import psutil
 
-from kvmhook import config, limits, virt
+from kvmhook import config, limits, overprovision, virt
 from kvmhook.errors import ControllerError, FactorError
 
 CPUINFO = "/proc/cpuinfo"
@@ -80,11 +80,15 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         """The figures as `kvmhook capacity --json` prints them (a stable format)."""
         cores, mhz = self.host.cores, self.host.mhz
-        cpu_capacity = cores * self.factors.cpu.value
-        cpu_used = sum(guest.vcpus for guest in self.guests)
-        # Whole bytes, rounded down: never promise a byte the factor does not give.
-        memory_capacity = math.floor(self.host.memory * self.factors.memory.value)
-        memory_used = sum(guest.memory for guest in self.guests)
+        cpu = overprovision.Resource(
+            cores, self.factors.cpu.value, sum(guest.vcpus for guest in self.guests)
+        )
+        memory = overprovision.Resource(
+            self.host.memory,
+            self.factors.memory.value,
+            sum(guest.memory for guest in self.guests),
+            whole=True,
+        )
         return {
             "cpu": {
                 "cores": cores,
@@ -93,17 +97,17 @@ class Report:
                 "mhz_source": self.host.mhz_source,
                 "factor": self.factors.cpu.value,
                 "factor_source": self.factors.cpu.source,
-                "capacity": cpu_capacity,
-                "used": cpu_used,
-                "free": cpu_capacity - cpu_used,
+                "capacity": cpu.capacity,
+                "used": cpu.used,
+                "free": cpu.free,
             },
             "memory": {
                 "physical": self.host.memory,
                 "factor": self.factors.memory.value,
                 "factor_source": self.factors.memory.source,
-                "capacity": memory_capacity,
-                "used": memory_used,
-                "free": memory_capacity - memory_used,
+                "capacity": memory.capacity,
+                "used": memory.used,
+                "free": memory.free,
             },
             "guests": [dataclasses.asdict(guest) for guest in self.guests],
         }
