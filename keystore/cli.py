@@ -13,8 +13,8 @@ from typing import Callable
 import click
 
 from keystore import certimport, setup, store
-from kvmhook import files, locks, pki
-from kvmhook.cli.options import DAYS
+from kvmhook import exitcodes, files, locks, pki
+from kvmhook.cli.options import DAYS, with_exit_codes
 from kvmhook.errors import KeystoreBusyError, KeystoreError, KvmhookError
 
 # Options go first: after the first argument nothing is an option, so content
@@ -36,7 +36,9 @@ def _waiting(prog: str) -> Callable[[str], None]:
 
 @click.command(
     context_settings=_SETTINGS,
-    epilog="Example: keystore-setup agent.properties cloud.jks s3cret 365 cloud.csr",
+    epilog=with_exit_codes(
+        "keystore-setup", "Example: keystore-setup agent.properties cloud.jks s3cret 365 cloud.csr"
+    ),
 )
 @click.argument("properties_file")
 @click.argument("keystore_file")
@@ -75,10 +77,13 @@ def setup_command(
 
 @click.command(
     context_settings=_SETTINGS,
-    epilog="Content arguments encode newlines as ^ and spaces as ~; empty content uses the "
-    "file as it is. Modes: `ssh` when the controller runs this over SSH while adding the host "
-    "(content on the command line), `agent` when the running agent renews its certificate "
-    "(files already written by the agent). Neither restarts anything without --restart.",
+    epilog=with_exit_codes(
+        "keystore-cert-import",
+        "Content arguments encode newlines as ^ and spaces as ~; empty content uses the "
+        "file as it is. Modes: `ssh` when the controller runs this over SSH while adding the host "
+        "(content on the command line), `agent` when the running agent renews its certificate "
+        "(files already written by the agent). Neither restarts anything without --restart.",
+    ),
 )
 @click.argument("properties_file")
 @click.argument("keystore_file")
@@ -151,11 +156,11 @@ def _run(command: click.Command, prog: str, argv: Sequence[str] | None) -> int:
         command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.UsageError as error:
         sys.stderr.write(f"{prog}: {error.format_message()} (see {prog} --help)\n")
-        return 2
+        return exitcodes.USAGE
     except (KvmhookError, OSError) as error:
         sys.stderr.write(f"{prog}: {_one_line(error)}\n")
-        return 1
-    return 0
+        return exitcodes.FAILED
+    return exitcodes.OK
 
 
 def _one_line(error: Exception) -> str:

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from kvmhook import hoststate, locks, paths, virt
-from kvmhook import migrate as migration
+from kvmhook import hoststate, locks, migrate, paths, virt
 from kvmhook.errors import (
     DrainCancelledError,
     IllegalTransitionError,
@@ -113,13 +112,16 @@ def _record(state: str, reason: str = "") -> None:
         ) from None
 
 
-# --- what maintenance needs of libvirt ----------------------------------------------------
+# --- this host and its peers, as maintenance reaches them through libvirt -----------------
 
 
-class Libvirt:
-    """This host's libvirt and its peers', as maintenance uses them; tests hand in a fake."""
+class Hosts:
+    """The guests running here, the peers' free memory, and migrations from here to them.
 
-    def __init__(self, uri: str, progress: migration.Progress) -> None:
+    Through kvmhook.virt and kvmhook.migrate; tests hand in a fake.
+    """
+
+    def __init__(self, uri: str, progress: migrate.Progress) -> None:
         self.uri = uri
         self._progress = progress
 
@@ -128,18 +130,18 @@ class Libvirt:
 
     def free_memory(self, peer: str) -> int:
         """The peer's free memory, asked over the qemu+tls connection a migration would use."""
-        return virt.free_memory(migration.make_plan(peer).dest_uri)
+        return virt.free_memory(migrate.make_plan(peer).dest_uri)
 
     def migrate(self, guest: str, peer: str, timeout: float | None) -> None:
         """Live-migrate `guest` to `peer` exactly as `kvmhook migrate GUEST PEER` does."""
-        migration.migrate(
+        migrate.migrate(
             guest,
-            migration.make_plan(peer),
+            migrate.make_plan(peer),
             self._progress,
             source_uri=self.uri,
             timeout=timeout,
-            local_check=migration.local_tls_problem,
-            dest_check=migration.dest_tls_problem,
+            local_check=migrate.local_tls_problem,
+            dest_check=migrate.dest_tls_problem,
         )
 
 
@@ -151,13 +153,13 @@ def parse_peers(text: str | None) -> list[str]:
     peers: list[str] = []
     for name in (part.strip() for part in (text or "").split(",")):
         if name and name not in peers:
-            migration.make_plan(name)  # refuses what cannot be a migration destination
+            migrate.make_plan(name)  # refuses what cannot be a migration destination
             peers.append(name)
     return peers
 
 
 def enter_standalone(
-    libvirt: Libvirt, peers: Sequence[str], timeout: float | None, report: Report
+    hosts: Hosts, peers: Sequence[str], timeout: float | None, report: Report
 ) -> list[str]:
     """Move every running guest to `peers` and put the host in Maintenance; returns the
     guests moved.
@@ -169,7 +171,7 @@ def enter_standalone(
     a migration was interrupted).
     """
     check(PREPARE)
-    guests = libvirt.running_guests()
+    guests = hosts.running_guests()
     if guests and not peers:
         names = ", ".join(guest.name for guest in guests)
         raise PeersRequiredError(
@@ -178,8 +180,8 @@ def enter_standalone(
     deadline = None if timeout is None else time.monotonic() + timeout
     move(PREPARE)  # from now on the hook refuses arriving guests
     try:
-        drained = _drain(libvirt, peers, deadline, report)
-        left = libvirt.running_guests()
+        drained = _drain(hosts, peers, deadline, report)
+        left = hosts.running_guests()
     except (KvmhookError, KeyboardInterrupt) as error:
         _give_up(f"the drain stopped: {str(error) or 'interrupted'}")
         raise
@@ -198,12 +200,10 @@ class _Drained:
     aborted: bool = False  # the time ran out or a migration was interrupted: the rest waited
 
 
-def _drain(
-    libvirt: Libvirt, peers: Sequence[str], deadline: float | None, report: Report
-) -> _Drained:
-    free, unreachable = _free_memory(libvirt, peers, report)
+def _drain(hosts: Hosts, peers: Sequence[str], deadline: float | None, report: Report) -> _Drained:
+    free, unreachable = _free_memory(hosts, peers, report)
     drained = _Drained()
-    for guest in libvirt.running_guests():
+    for guest in hosts.running_guests():
         _stop_if_cancelled()
         drained.aborted = drained.aborted or _remaining(deadline) == 0
         if drained.aborted:
@@ -211,13 +211,13 @@ def _drain(
         elif not free:
             drained.failed[guest.name] = f"no peer can take it ({'; '.join(unreachable)})"
         else:
-            _move_guest(libvirt, guest, free, deadline, drained, report)
+            _move_guest(hosts, guest, free, deadline, drained, report)
     _stop_if_cancelled()
     return drained
 
 
 def _free_memory(
-    libvirt: Libvirt, peers: Sequence[str], report: Report
+    hosts: Hosts, peers: Sequence[str], report: Report
 ) -> tuple[dict[str, int], list[str]]:
     """Each peer's free memory, asked once: the drain books what it sends to each peer
     itself, since a peer's figure lags behind (a new guest touches its memory slowly).
@@ -226,7 +226,7 @@ def _free_memory(
     unreachable: list[str] = []
     for peer in peers:
         try:
-            free[peer] = libvirt.free_memory(peer)
+            free[peer] = hosts.free_memory(peer)
         except VirtError as error:
             unreachable.append(f"{peer}: {error}")
             report(f"skipping {peer}: {error}")
@@ -234,7 +234,7 @@ def _free_memory(
 
 
 def _move_guest(
-    libvirt: Libvirt,
+    hosts: Hosts,
     guest: virt.GuestSize,
     free: dict[str, int],
     deadline: float | None,
@@ -244,7 +244,7 @@ def _move_guest(
     peer = max(free, key=free.__getitem__)  # on a tie, the first one named in --to
     report(f"moving {guest.name} ({_mib(guest.memory)}) to {peer} ({_mib(free[peer])} free)")
     try:
-        libvirt.migrate(guest.name, peer, _remaining(deadline))
+        hosts.migrate(guest.name, peer, _remaining(deadline))
     except KvmhookError as error:
         drained.failed[guest.name] = str(error)
         # Time out or Ctrl-C: the guests after this one wait for the next enter.
@@ -301,7 +301,7 @@ def _mib(count: int) -> str:
 # --- with a controller: it drains, this host follows ---------------------------------------
 
 
-class Controller(Protocol):
+class ControllerCalls(Protocol):
     """What maintenance uses of kvmhook.controller's client; its failures are ControllerError."""
 
     def host(self) -> dict[str, Any]: ...
@@ -313,7 +313,7 @@ class Controller(Protocol):
     def cancel_maintenance(self, timeout: float = CONTROLLER_TIMEOUT) -> dict[str, Any]: ...
 
 
-def load_controller() -> Controller | None:
+def load_controller() -> ControllerCalls | None:
     """The configured controller's client, or None when none is configured (standalone)."""
     # Imported here: only hosts run by a controller need its client.
     from kvmhook import controller
@@ -322,8 +322,8 @@ def load_controller() -> Controller | None:
 
 
 def enter_with_controller(
-    controller: Controller,
-    libvirt: Libvirt,
+    controller: ControllerCalls,
+    hosts: Hosts,
     wait: bool,
     timeout: float | None,
     report: Report,
@@ -337,16 +337,16 @@ def enter_with_controller(
     if not wait:
         _raise_unless_preparing(state)
         return state
-    return _wait(controller, libvirt, state, deadline, report)
+    return _wait(controller, hosts, state, deadline, report)
 
 
-def cancel_with_controller(controller: Controller) -> str:
+def cancel_with_controller(controller: ControllerCalls) -> str:
     """Ask the controller to cancel maintenance; returns (and records) the state it reports."""
     controller.cancel_maintenance()
     return follow(controller)
 
 
-def follow(controller: Controller) -> str:
+def follow(controller: ControllerCalls) -> str:
     """The controller's resource state for this host, recorded for the hook."""
     state = controller.resource_state()
     _mirror(state)
@@ -364,8 +364,8 @@ def _mirror(state: str) -> None:
 
 
 def _wait(
-    controller: Controller,
-    libvirt: Libvirt,
+    controller: ControllerCalls,
+    hosts: Hosts,
     state: str,
     deadline: float | None,
     report: Report,
@@ -375,7 +375,7 @@ def _wait(
         _raise_unless_preparing(state)
         if state == MAINTENANCE:
             return state
-        left = _guests_left(libvirt)
+        left = _guests_left(hosts)
         line = f"{state}: guests left: {left}"
         if line != shown:
             report(line)
@@ -399,9 +399,9 @@ def _raise_unless_preparing(state: str) -> None:
         raise DrainCancelledError(f"the controller reports {state}: maintenance was cancelled")
 
 
-def _guests_left(libvirt: Libvirt) -> str:
+def _guests_left(hosts: Hosts) -> str:
     try:
-        return str(len(libvirt.running_guests()))
+        return str(len(hosts.running_guests()))
     except VirtError as error:
         return f"unknown ({error})"
 
@@ -410,7 +410,7 @@ def _guests_left(libvirt: Libvirt) -> str:
 
 
 @dataclass(frozen=True)
-class Status:
+class MaintenanceStatus:
     """Where the host stands, and whether it may be taken away."""
 
     mode: str  # "standalone" or "controller"
@@ -450,7 +450,7 @@ class Status:
         }
 
 
-def status(controller: Controller | None, libvirt: Libvirt) -> Status:
+def status(controller: ControllerCalls | None, hosts: Hosts) -> MaintenanceStatus:
     """The state (the controller's when there is one, recorded for the hook) and the guests."""
     if controller is None:
         mode, name = "standalone", None
@@ -459,7 +459,7 @@ def status(controller: Controller | None, libvirt: Libvirt) -> Status:
         mode, name = "controller", str(controller.host().get("name", ""))
         state, reason = follow(controller), hoststate.read()[1]
     try:
-        guests, problem = [guest.name for guest in libvirt.running_guests()], ""
+        guests, problem = [guest.name for guest in hosts.running_guests()], ""
     except VirtError as error:
         guests, problem = None, str(error)
-    return Status(mode, state, reason, name, guests, problem)
+    return MaintenanceStatus(mode, state, reason, name, guests, problem)

@@ -20,7 +20,6 @@ from typing import Optional, TextIO
 from kvmhook import tls, virt
 from kvmhook.errors import MigrationAbortedError, MigrationError, NotSecuredError, VirtError
 
-DEFAULT_SOURCE_URI = "qemu:///system"
 POLL_SECONDS = 0.5
 PLAIN_EVERY_SECONDS = 5.0
 INSECURE_WARNING = (

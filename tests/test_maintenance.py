@@ -1,6 +1,6 @@
 """Host maintenance: the state machine, the standalone drain, controller mode, the command.
 
-libvirt and the controller are fakes here (FakeLibvirt, FakeController),
+libvirt and the controller are fakes here (FakeHosts, FakeController),
 each standing in for exactly what kvmhook.maintenance asks of them; the
 state file is the real one under a temporary KVMHOOK_ROOT. Real drains are
 tests/e2e/test_maintenance.py's job.
@@ -79,7 +79,7 @@ def guest(name: str, gib: float = 1) -> virt.GuestSize:
     return virt.GuestSize(name=name, vcpus=1, memory=int(gib * GIB))
 
 
-class FakeLibvirt:
+class FakeHosts:
     """This host's running guests, its peers' free memory, and migrations that succeed
     (the guest leaves the list), fail with the given error, or run `during` first."""
 
@@ -144,9 +144,9 @@ class FakeController:
         return {}
 
 
-def enter(libvirt, peers=("kvm2",), timeout=None, lines=None):
+def enter(hosts, peers=("kvm2",), timeout=None, lines=None):
     report = lines.append if lines is not None else (lambda _line: None)
-    return host_maintenance.enter_standalone(libvirt, list(peers), timeout, report)
+    return host_maintenance.enter_standalone(hosts, list(peers), timeout, report)
 
 
 # --- the state machine --------------------------------------------------------------------
@@ -246,14 +246,14 @@ def test_drain_moves_each_guest_to_the_peer_with_most_free_memory(root):
     """Free memory asked once per peer, booked as guests go: 2 GiB `big` to kvm3 (3 GiB free,
     1 left), then 1 GiB `small` to kvm2 (2 GiB free beats 1). An unreachable peer is skipped
     and said so; the host ends in Maintenance."""
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("big", 2), guest("small", 1)],
         free={"kvm2": 2 * GIB, "kvm3": 3 * GIB, "kvm4": VirtError("cannot connect to kvm4")},
     )
     lines: list[str] = []
-    moved = enter(libvirt, peers=("kvm4", "kvm2", "kvm3"), lines=lines)
+    moved = enter(hosts, peers=("kvm4", "kvm2", "kvm3"), lines=lines)
     assert moved == ["big", "small"]
-    assert [(name, peer) for name, peer, _ in libvirt.migrations] == [
+    assert [(name, peer) for name, peer, _ in hosts.migrations] == [
         ("big", "kvm3"),
         ("small", "kvm2"),
     ]
@@ -269,80 +269,80 @@ def test_drain_moves_each_guest_to_the_peer_with_most_free_memory(root):
 
 def test_equal_free_memory_goes_to_the_first_peer_named(root):
     """A tie is broken by the order of --to."""
-    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm3": GIB, "kvm2": GIB})
-    enter(libvirt, peers=("kvm3", "kvm2"))
-    assert libvirt.migrations[0][1] == "kvm3"
+    hosts = FakeHosts(guests=[guest("vm1")], free={"kvm3": GIB, "kvm2": GIB})
+    enter(hosts, peers=("kvm3", "kvm2"))
+    assert hosts.migrations[0][1] == "kvm3"
 
 
 def test_the_hook_refuses_guests_while_the_drain_runs(root):
     """PrepareForMaintenance is recorded before the first migration: arrivals are refused."""
-    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
-    enter(libvirt)
-    assert libvirt.states_seen == [PREPARE, PREPARE]
+    hosts = FakeHosts(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
+    enter(hosts)
+    assert hosts.states_seen == [PREPARE, PREPARE]
 
 
 def test_an_empty_host_needs_no_peer_and_goes_to_maintenance(root):
     """No guest running: no --to needed, Enabled -> PrepareForMaintenance -> Maintenance."""
-    libvirt = FakeLibvirt()
-    assert enter(libvirt, peers=()) == []
+    hosts = FakeHosts()
+    assert enter(hosts, peers=()) == []
     assert hoststate.read() == (MAINTENANCE, "")
 
 
 def test_guests_running_and_no_peer_changes_nothing(root):
     """Guests running and no --to: refused before the state changes, the guests named."""
     with pytest.raises(PeersRequiredError, match=r"guests are running here \(vm1, vm2\)"):
-        enter(FakeLibvirt(guests=[guest("vm1"), guest("vm2")]), peers=())
+        enter(FakeHosts(guests=[guest("vm1"), guest("vm2")]), peers=())
     assert not state_file(root).exists()
 
 
 def test_a_guest_that_cannot_move_leaves_error_in_prepare_with_the_reason(root):
     """One guest's migration fails: the others still move, the host is left in
     ErrorInPrepareForMaintenance with the guest's name and error as the reason."""
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("vm1"), guest("vm2"), guest("vm3")],
         free={"kvm2": 8 * GIB},
         failures={"vm2": VirtError("migration of vm2 failed: unsupported configuration")},
     )
     lines: list[str] = []
     with pytest.raises(MaintenanceFailedError) as failed:
-        enter(libvirt, lines=lines)
+        enter(hosts, lines=lines)
     reason = "vm2: migration of vm2 failed: unsupported configuration"
     assert str(failed.value) == f"1 guest(s) not moved, the host is in {ERROR_IN_PREPARE}: {reason}"
     assert hoststate.read() == (ERROR_IN_PREPARE, reason)
-    assert [name for name, _, _ in libvirt.migrations] == ["vm1", "vm2", "vm3"]
+    assert [name for name, _, _ in hosts.migrations] == ["vm1", "vm2", "vm3"]
     assert "vm2 stays: migration of vm2 failed: unsupported configuration" in lines
 
 
 def test_a_refusal_to_migrate_insecurely_is_a_guest_that_cannot_move(root):
     """kvmhook migrate's refusals (here: not secured) count as the guest's reason too."""
     refusal = NotSecuredError("refusing to migrate: this host is not secured (no TLS)")
-    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB}, failures={"vm1": refusal})
+    hosts = FakeHosts(guests=[guest("vm1")], free={"kvm2": GIB}, failures={"vm1": refusal})
     with pytest.raises(MaintenanceFailedError):
-        enter(libvirt)
+        enter(hosts)
     assert hoststate.read() == (ERROR_IN_PREPARE, f"vm1: {refusal}")
 
 
 def test_no_reachable_peer_leaves_every_guest_with_the_peers_reasons(root):
     """Every peer unreachable: nothing is migrated, each guest's reason says why."""
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("vm1"), guest("vm2")], free={"kvm2": VirtError("connection refused")}
     )
     with pytest.raises(MaintenanceFailedError):
-        enter(libvirt)
-    assert libvirt.migrations == []
+        enter(hosts)
+    assert hosts.migrations == []
     why = "no peer can take it (kvm2: connection refused)"
     assert hoststate.read() == (ERROR_IN_PREPARE, f"vm1: {why}; vm2: {why}")
 
 
 def test_retrying_after_an_error_finishes_the_drain(root):
     """enter again from ErrorInPrepareForMaintenance, the problem fixed: Maintenance."""
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("vm1")], free={"kvm2": GIB}, failures={"vm1": VirtError("boom")}
     )
     with pytest.raises(MaintenanceFailedError):
-        enter(libvirt)
-    libvirt.failures = {}
-    assert enter(libvirt) == ["vm1"]
+        enter(hosts)
+    hosts.failures = {}
+    assert enter(hosts) == ["vm1"]
     assert hoststate.read() == (MAINTENANCE, "")
 
 
@@ -350,12 +350,12 @@ def test_an_aborted_migration_stops_the_drain(root):
     """The time running out (or Ctrl-C) during a migration: that guest stays, the rest are
     not tried, ErrorInPrepareForMaintenance says so; MaintenanceAbortedError."""
     aborted = MigrationAbortedError("migration of vm1 timed out after 5 s: aborted")
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB}, failures={"vm1": aborted}
     )
     with pytest.raises(MaintenanceAbortedError):
-        enter(libvirt, timeout=5)
-    assert [name for name, _, _ in libvirt.migrations] == ["vm1"]
+        enter(hosts, timeout=5)
+    assert [name for name, _, _ in hosts.migrations] == ["vm1"]
     assert hoststate.read() == (
         ERROR_IN_PREPARE,
         f"vm1: {aborted}; vm2: not attempted: --timeout reached or interrupted",
@@ -364,23 +364,23 @@ def test_an_aborted_migration_stops_the_drain(root):
 
 def test_each_migration_gets_the_time_left(root):
     """--timeout is for the whole drain: each migration is given what is left of it."""
-    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
-    enter(libvirt, timeout=100)
-    first, second = (timeout for _, _, timeout in libvirt.migrations)
+    hosts = FakeHosts(guests=[guest("vm1"), guest("vm2")], free={"kvm2": 8 * GIB})
+    enter(hosts, timeout=100)
+    first, second = (timeout for _, _, timeout in hosts.migrations)
     assert 99 < first <= 100 and second <= first
 
 
 def test_a_cancel_during_the_drain_stops_it_and_stays_enabled(root):
     """`cancel` run while the drain migrates: no further guest is moved, the host stays
     Enabled (no error state written over the cancel)."""
-    libvirt = FakeLibvirt(
+    hosts = FakeHosts(
         guests=[guest("vm1"), guest("vm2")],
         free={"kvm2": 8 * GIB},
         during=host_maintenance.cancel_standalone,
     )
     with pytest.raises(DrainCancelledError, match="cancelled during the drain"):
-        enter(libvirt)
-    assert [name for name, _, _ in libvirt.migrations] == ["vm1"]
+        enter(hosts)
+    assert [name for name, _, _ in hosts.migrations] == ["vm1"]
     assert hoststate.read() == (ENABLED, "")
 
 
@@ -390,27 +390,27 @@ def test_ctrl_c_outside_a_migration_leaves_error_in_prepare(root):
     def interrupt():
         raise KeyboardInterrupt
 
-    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB}, during=interrupt)
+    hosts = FakeHosts(guests=[guest("vm1")], free={"kvm2": GIB}, during=interrupt)
     with pytest.raises(KeyboardInterrupt):
-        enter(libvirt)
+        enter(hosts)
     assert hoststate.read() == (ERROR_IN_PREPARE, "the drain stopped: interrupted")
 
 
 def test_a_guest_left_running_after_the_drain_is_an_error(root):
     """The final listing is the truth: a guest still there is named even without a failure."""
-    libvirt = FakeLibvirt(guests=[guest("vm1")], free={"kvm2": GIB})
-    libvirt.migrate = lambda name, peer, timeout: None  # "succeeds", the guest stays
+    hosts = FakeHosts(guests=[guest("vm1")], free={"kvm2": GIB})
+    hosts.migrate = lambda name, peer, timeout: None  # "succeeds", the guest stays
     with pytest.raises(MaintenanceFailedError):
-        enter(libvirt)
+        enter(hosts)
     assert hoststate.read() == (ERROR_IN_PREPARE, "vm1: still running after the drain")
 
 
 def test_enter_is_refused_from_maintenance_before_libvirt_is_asked(root):
     """An illegal enter changes nothing and asks nothing."""
     hoststate.write(MAINTENANCE)
-    libvirt = FakeLibvirt(guests=VirtError("must not be asked"))
+    hosts = FakeHosts(guests=VirtError("must not be asked"))
     with pytest.raises(IllegalTransitionError, match="Maintenance -> PrepareForMaintenance"):
-        enter(libvirt)
+        enter(hosts)
 
 
 def test_parse_peers_splits_strips_and_drops_repeats():
@@ -427,9 +427,9 @@ def test_libvirt_migrates_as_kvmhook_migrate_and_asks_peers_over_tls(monkeypatch
     monkeypatch.setattr(migration, "migrate", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setattr(virt, "free_memory", lambda uri: calls.append(uri) or 5)
     progress = migration.Progress(sys.stdout, tty=False)
-    libvirt = host_maintenance.Libvirt("qemu:///system", progress)
-    assert libvirt.free_memory("kvm2") == 5
-    libvirt.migrate("vm1", "kvm2", 30.0)
+    hosts = host_maintenance.Hosts("qemu:///system", progress)
+    assert hosts.free_memory("kvm2") == 5
+    hosts.migrate("vm1", "kvm2", 30.0)
     assert calls[0] == "qemu+tls://kvm2/system"
     assert calls[1] == (
         ("vm1", migration.make_plan("kvm2"), progress),
@@ -445,7 +445,7 @@ def test_libvirt_migrates_as_kvmhook_migrate_and_asks_peers_over_tls(monkeypatch
 def test_free_memory_and_running_guests_from_the_test_driver():
     """virt.free_memory reads libvirt's figure; an unreachable libvirt is a VirtError."""
     assert virt.free_memory("test:///default") > 0
-    guests = host_maintenance.Libvirt("test:///default", None).running_guests()
+    guests = host_maintenance.Hosts("test:///default", None).running_guests()
     assert [g.name for g in guests] == ["test"]
     with pytest.raises(
         VirtError, match=re.escape("cannot connect to qemu+tls://127.0.0.1:1/system")
@@ -456,10 +456,10 @@ def test_free_memory_and_running_guests_from_the_test_driver():
 # --- with a controller --------------------------------------------------------------------
 
 
-def enter_controller(controller, libvirt=None, wait=False, timeout=None, lines=None):
+def enter_controller(controller, hosts=None, wait=False, timeout=None, lines=None):
     report = lines.append if lines is not None else (lambda _line: None)
     return host_maintenance.enter_with_controller(
-        controller, libvirt or FakeLibvirt(), wait, timeout, report
+        controller, hosts or FakeHosts(), wait, timeout, report
     )
 
 
@@ -469,17 +469,17 @@ def test_controller_enter_asks_and_records_the_state_for_the_hook(root):
     assert enter_controller(controller) == PREPARE
     assert controller.calls == [("prepare_maintenance", 600.0), ("resource_state", None)]
     assert hoststate.read() == (PREPARE, "")
-    assert hoststate.refuses_new_guests()
+    assert hoststate.read()[0] in hoststate.REFUSING  # the hook refuses arriving guests
 
 
 def test_controller_wait_follows_to_maintenance_showing_guests_left(root):
     """--wait polls until Maintenance, a line each time the state or the guest count changes."""
     controller = FakeController(states=[PREPARE, PREPARE, PREPARE, MAINTENANCE])
-    libvirt = FakeLibvirt(guests=[guest("vm1"), guest("vm2")])
+    hosts = FakeHosts(guests=[guest("vm1"), guest("vm2")])
     counts = iter([[guest("vm1"), guest("vm2")], [guest("vm2")], [guest("vm2")]])
-    libvirt.running_guests = lambda: next(counts)
+    hosts.running_guests = lambda: next(counts)
     lines: list[str] = []
-    assert enter_controller(controller, libvirt, wait=True, timeout=30, lines=lines) == MAINTENANCE
+    assert enter_controller(controller, hosts, wait=True, timeout=30, lines=lines) == MAINTENANCE
     assert lines == [f"{PREPARE}: guests left: 2", f"{PREPARE}: guests left: 1"]
     assert hoststate.read() == (MAINTENANCE, "")
     assert controller.calls[0] == ("prepare_maintenance", 30)
@@ -496,7 +496,7 @@ def test_controller_error_states_are_reported_and_recorded(root, error_state):
 def test_controller_wait_times_out_and_the_host_keeps_preparing(root):
     controller = FakeController(states=[PREPARE])
     with pytest.raises(MaintenanceAbortedError, match="--timeout reached: the host is still in"):
-        enter_controller(controller, FakeLibvirt(guests=VirtError("down")), wait=True, timeout=0.05)
+        enter_controller(controller, FakeHosts(guests=VirtError("down")), wait=True, timeout=0.05)
     assert hoststate.read() == (PREPARE, "")
 
 
@@ -544,20 +544,20 @@ def test_no_controller_conf_means_standalone(root):
 )
 def test_removable_only_in_maintenance_with_no_guest(root, state, guests, removable):
     hoststate.write(state)
-    found = host_maintenance.status(None, FakeLibvirt(guests=guests))
+    found = host_maintenance.status(None, FakeHosts(guests=guests))
     assert found.removable is removable
     assert found.advice().startswith("yes: stop the agent service" if removable else "no: ")
 
 
 def test_status_without_libvirt_cannot_say_removable(root):
     hoststate.write(MAINTENANCE)
-    found = host_maintenance.status(None, FakeLibvirt(guests=VirtError("cannot connect")))
+    found = host_maintenance.status(None, FakeHosts(guests=VirtError("cannot connect")))
     assert not found.removable
     assert found.advice() == "no: cannot tell whether guests run here (cannot connect)"
 
 
 def test_status_with_a_controller_shows_and_records_its_state(root):
-    found = host_maintenance.status(FakeController(states=[MAINTENANCE]), FakeLibvirt())
+    found = host_maintenance.status(FakeController(states=[MAINTENANCE]), FakeHosts())
     assert (found.mode, found.state, found.controller_host) == ("controller", MAINTENANCE, "kvm1")
     assert found.removable
     assert hoststate.read() == (MAINTENANCE, "")
@@ -568,13 +568,13 @@ def test_status_with_a_controller_shows_and_records_its_state(root):
 
 @pytest.fixture
 def wired(monkeypatch):
-    """The command with a FakeLibvirt and no controller (standalone); set .controller."""
+    """The command with a FakeHosts and no controller (standalone); set .controller."""
 
     class Wiring:
-        libvirt = FakeLibvirt(free={"kvm2": 8 * GIB})
+        hosts = FakeHosts(free={"kvm2": 8 * GIB})
         controller = None
 
-    monkeypatch.setattr(host_maintenance, "Libvirt", lambda uri, progress: Wiring.libvirt)
+    monkeypatch.setattr(host_maintenance, "Hosts", lambda uri, progress: Wiring.hosts)
     monkeypatch.setattr(host_maintenance, "load_controller", lambda: Wiring.controller)
     return Wiring
 
@@ -584,7 +584,7 @@ def invoke(*args: str):
 
 
 def test_cli_enter_exit_0_in_maintenance(root, wired):
-    wired.libvirt.guests = [guest("vm1")]
+    wired.hosts.guests = [guest("vm1")]
     result = invoke("enter", "--to", "kvm2")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "Maintenance: 1 guest(s) moved off this host"
@@ -592,8 +592,8 @@ def test_cli_enter_exit_0_in_maintenance(root, wired):
 
 
 def test_cli_enter_exit_1_when_a_guest_cannot_move(root, wired):
-    wired.libvirt.guests = [guest("vm1")]
-    wired.libvirt.failures = {"vm1": VirtError("boom")}
+    wired.hosts.guests = [guest("vm1")]
+    wired.hosts.failures = {"vm1": VirtError("boom")}
     result = invoke("enter", "--to", "kvm2")
     assert result.exit_code == 1
     assert result.stderr == (
@@ -604,7 +604,7 @@ def test_cli_enter_exit_1_when_a_guest_cannot_move(root, wired):
 @pytest.mark.parametrize("args", [["enter"], ["enter", "--to", "kvm2/x"], ["enter", "--to"]])
 def test_cli_enter_exit_2_for_usage_errors(root, wired, args):
     """No --to while guests run, a bad host, a missing value: usage errors; nothing changed."""
-    wired.libvirt.guests = [guest("vm1")]
+    wired.hosts.guests = [guest("vm1")]
     assert invoke(*args).exit_code == 2
     assert not state_file(root).exists()
 
@@ -620,8 +620,8 @@ def test_cli_enter_exit_3_when_illegal(root, wired):
 
 
 def test_cli_enter_exit_4_when_aborted(root, wired):
-    wired.libvirt.guests = [guest("vm1")]
-    wired.libvirt.failures = {"vm1": MigrationAbortedError("timed out after 1 s")}
+    wired.hosts.guests = [guest("vm1")]
+    wired.hosts.failures = {"vm1": MigrationAbortedError("timed out after 1 s")}
     result = invoke("enter", "--to", "kvm2", "--timeout", "1")
     assert result.exit_code == 4
     assert hoststate.read()[0] == ERROR_IN_PREPARE
@@ -644,8 +644,8 @@ def test_cli_a_second_enter_during_a_drain_is_refused_at_once(root, wired):
             )
         )
 
-    wired.libvirt.guests = [guest("vm1")]
-    wired.libvirt.during = second_enter
+    wired.hosts.guests = [guest("vm1")]
+    wired.hosts.during = second_enter
     assert invoke("enter", "--to", "kvm2").exit_code == 0
     (second,) = seconds
     assert second.returncode == 3, second.stderr

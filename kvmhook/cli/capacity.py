@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
-from kvmhook import limits
-from kvmhook.cli.options import connect_option
+from kvmhook import exitcodes, limits
+from kvmhook.cli.options import connect_option, failure, with_exit_codes
 from kvmhook.errors import FactorError, KvmhookError
 
 GIB = 2**30
 
-_EPILOG = f"""\b
+_FACTORS = f"""\b
 Factors, each from the first that sets it:
   the flag;
   the controller's settings for this host's cluster, when controller.conf
@@ -21,27 +21,28 @@ Factors, each from the first that sets it:
   [capacity] cpu_factor / mem_factor in /etc/kvmhook/kvmhook.conf;
   1.
 Each must be {limits.FACTOR_RANGE}; one above 4 (the admin guide's
-limit for XenServer) is a warning.
-
-\b
-Exit codes: 0 reported, 1 libvirt or a factor setting failed, 2 usage.
-
-Example, for monitoring: kvmhook capacity --json | jq .memory.free"""
+limit for XenServer) is a warning."""
 
 
 def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """A factor flag out of limits.FACTOR_RANGE is a usage error (exit 2), not a failure."""
     if value is None:
         return None
-    from kvmhook import capacity as core
+    import kvmhook.capacity
 
     try:
-        return core.check_factor(value, "the factor")
+        return kvmhook.capacity.check_factor(value, "the factor")
     except FactorError as error:
         raise click.BadParameter(str(error), param=param) from None
 
 
-@click.command(epilog=_EPILOG)
+@click.command(
+    epilog=with_exit_codes(
+        "kvmhook capacity",
+        _FACTORS,
+        "Example, for monitoring: kvmhook capacity --json | jq .memory.free",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option(
     "--cpu-factor",
@@ -65,12 +66,14 @@ def capacity(
     after over-provisioning (physical x factor), used by the running guests
     (their vCPUs and maximum memory, read from libvirt) and free."""
     # Imported here: loading libvirt-python costs every other command ~50 ms.
-    from kvmhook import capacity as core
+    import kvmhook.capacity
 
     try:
-        result = core.report(source_uri, cpu_factor, mem_factor, controller=core.controller_ratios)
+        result = kvmhook.capacity.report(
+            source_uri, cpu_factor, mem_factor, controller=kvmhook.capacity.controller_ratios
+        )
     except KvmhookError as error:
-        raise click.ClickException(str(error)) from None
+        raise failure(str(error), exitcodes.of(error)) from None
     for warning in result.factors.warnings:
         click.echo(f"warning: {warning}", err=True)
     figures = result.as_dict()

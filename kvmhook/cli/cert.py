@@ -8,8 +8,8 @@ from typing import Callable
 
 import click
 
-from kvmhook import certificates, limits, paths
-from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option
+from kvmhook import certificates, exitcodes, limits, paths
+from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option, failure, with_exit_codes
 from kvmhook.errors import KvmhookError
 
 
@@ -19,7 +19,10 @@ def cert() -> None:
 
 
 @cert.command(
-    epilog="Example, from monitoring: kvmhook cert status --warn-days 21 || alert",
+    epilog=with_exit_codes(
+        "kvmhook cert status",
+        "Example, from monitoring: kvmhook cert status --warn-days 21 || alert",
+    ),
 )
 @agent_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
@@ -43,7 +46,7 @@ def status(agent_dir: str | None, as_json: bool, warn_days: int) -> None:
         for finding in findings:
             _show(finding)
     if any(finding.problems for finding in findings):
-        raise SystemExit(1)
+        raise SystemExit(exitcodes.FAILED)
 
 
 def _show(finding: certificates.Finding) -> None:
@@ -65,17 +68,11 @@ def _yes_no(value: bool | None) -> str:
     return "unknown" if value is None else "yes" if value else "NO"
 
 
-_RENEW_EPILOG = """\b
+_RENEW_EXAMPLES = """\b
 Examples:
   kvmhook cert renew --if-expiring-within auto          # the timer's run: the controller signs
   kvmhook cert renew --signer 'ssh ca.example.org sign-host-csr'
-  kvmhook cert renew --if-expiring-within 30 --dry-run
-
-\b
-Exit codes: 0 renewed, not due, or dry run; 1 failed, nothing changed;
-2 usage; 3 the new set was installed but not served, and the previous set
-is back in place and served; 4 putting the previous set back failed too.
-"""
+  kvmhook cert renew --if-expiring-within 30 --dry-run"""
 
 
 def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
@@ -89,7 +86,7 @@ def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     return days
 
 
-@cert.command(epilog=_RENEW_EPILOG)
+@cert.command(epilog=with_exit_codes("kvmhook cert renew", _RENEW_EXAMPLES))
 @agent_dir_option
 @click.option(
     "--if-expiring-within",
@@ -184,7 +181,11 @@ def renew(
     )
 
 
-@cert.command(epilog="Example: kvmhook cert rollback && kvmhook tls status")
+@cert.command(
+    epilog=with_exit_codes(
+        "kvmhook cert rollback", "Example: kvmhook cert rollback && kvmhook tls status"
+    )
+)
 @agent_dir_option
 @click.option(
     "--allow-restart",
@@ -204,14 +205,7 @@ def rollback(agent_dir: str | None, allow_restart: bool) -> None:
 
 def _report(action: Callable[[], str]) -> None:
     """Run a rotation and print its one line; its failure becomes one line and an exit code."""
-    from kvmhook.errors import RollbackFailedError, RolledBackError
-
     try:
         click.echo(action())
     except KvmhookError as error:
-        failure = click.ClickException(" ".join(str(error).split()))
-        if isinstance(error, RolledBackError):
-            failure.exit_code = 3
-        elif isinstance(error, RollbackFailedError):
-            failure.exit_code = 4
-        raise failure from None
+        raise failure(" ".join(str(error).split()), exitcodes.of(error)) from None

@@ -9,6 +9,7 @@ import sys
 import click
 
 from kvmhook import config, dispatch, paths
+from kvmhook.cli.options import with_exit_codes
 from kvmhook.errors import ConfigError, CustomDirError
 from kvmhook.hooklog import HookLog
 
@@ -22,7 +23,10 @@ def hooks() -> None:
     """Show and run the qemu hook's custom scripts (KVMHOOK_* variables apply)."""
 
 
-@hooks.command("list", epilog="Example: kvmhook hooks list start --domain vm1")
+@hooks.command(
+    "list",
+    epilog=with_exit_codes("kvmhook hooks list", "Example: kvmhook hooks list start --domain vm1"),
+)
 @_operation_argument
 @click.option(
     "--domain",
@@ -52,7 +56,10 @@ def list_(operation: str, domain: str | None) -> None:
 
 @hooks.command(
     "run",
-    epilog="Example: kvmhook hooks run vm1 start begin - --xml /etc/libvirt/qemu/vm1.xml",
+    epilog=with_exit_codes(
+        "kvmhook hooks run",
+        "Example: kvmhook hooks run vm1 start begin - --xml /etc/libvirt/qemu/vm1.xml",
+    ),
 )
 @click.argument("domain", metavar="OBJECT")
 @_operation_argument
@@ -126,7 +133,9 @@ def _warn_qemu_d() -> None:
 
 @hooks.command(
     "log",
-    epilog="Example: kvmhook hooks log --domain vm1 --since 2h",
+    epilog=with_exit_codes(
+        "kvmhook hooks log", "Example: kvmhook hooks log --domain vm1 --since 2h"
+    ),
 )
 @click.option("--domain", metavar="NAME", help="Only runs for guest NAME.")
 @click.option(

@@ -8,50 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kvmhook.cli.options import SECONDS, connect_option
-from kvmhook.errors import (
-    IllegalTransitionError,
-    KvmhookError,
-    MaintenanceAbortedError,
-    MaintenanceBusyError,
-    MigrationError,
-    PeersRequiredError,
-)
+from kvmhook import exitcodes
+from kvmhook.cli.options import SECONDS, connect_option, failure, with_exit_codes
+from kvmhook.errors import KvmhookError, MigrationError, PeersRequiredError
 
 if TYPE_CHECKING:  # the core loads libvirt-python: imported by the commands that use it
-    from kvmhook.maintenance import Libvirt
-
-EXIT_FAILED = 1
-EXIT_REFUSED = 3
-EXIT_ABORTED = 4
-
-_ENTER_EPILOG = """\b
-Exit codes:
-  0  in Maintenance (with a controller and no --wait: asked, the host is preparing)
-  1  failed: a guest could not move (the host is left in ErrorInPrepareForMaintenance,
-     the reason in kvmhook maintenance status), the controller reports an error state,
-     or libvirt, the controller or the state file failed
-  2  usage error; standalone, also: guests are running and no --to was given
-  3  refused: not a legal transition from the current state, or another enter is
-     running; nothing changed
-  4  aborted: --timeout reached or Ctrl-C (standalone: ErrorInPrepareForMaintenance)
-
-\b
-Example: kvmhook maintenance enter --to kvm2.example.org,kvm3.example.org --timeout 3600"""
-
-_CANCEL_EPILOG = """\b
-Exit codes:
-  0  cancelled: the host accepts guests again
-  1  failed: the controller or the state file
-  3  refused: not a legal transition from the current state (e.g. already Enabled)"""
-
-_STATUS_EPILOG = """\b
-Exit codes:
-  0  shown (removable or not: see the "removable" line or key)
-  1  failed: the controller could not be asked, or the state file not written
-
-\b
-Example, before re-installing: kvmhook maintenance status --json | jq -e .removable"""
+    from kvmhook.maintenance import Hosts
 
 
 @click.group()
@@ -64,7 +26,13 @@ def maintenance() -> None:
     ErrorInPrepareForMaintenance and Maintenance."""
 
 
-@maintenance.command(epilog=_ENTER_EPILOG)
+@maintenance.command(
+    epilog=with_exit_codes(
+        "kvmhook maintenance enter",
+        "\b\nExample: kvmhook maintenance enter --to kvm2.example.org,kvm3.example.org"
+        " --timeout 3600",
+    )
+)
 @click.option(
     "--to",
     "to",
@@ -94,53 +62,58 @@ def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> N
     With a controller: asks it to prepare the host (it picks the destinations)
     and records its answer for the hook; --wait follows it to Maintenance,
     showing the guests still running here."""
-    from kvmhook import maintenance as host_maintenance
+    import kvmhook.maintenance
 
-    libvirt = _libvirt(source_uri)
+    hosts = _hosts(source_uri)
     try:
-        with host_maintenance.entering():
-            controller = host_maintenance.load_controller()
+        with kvmhook.maintenance.entering():
+            controller = kvmhook.maintenance.load_controller()
             if controller is None:
-                moved = host_maintenance.enter_standalone(libvirt, _peers(to), timeout, click.echo)
+                moved = kvmhook.maintenance.enter_standalone(hosts, _peers(to), timeout, click.echo)
                 outcome = (
-                    f"{host_maintenance.MAINTENANCE}: {len(moved)} guest(s) moved off this host"
+                    f"{kvmhook.maintenance.MAINTENANCE}: {len(moved)} guest(s) moved off this host"
                 )
             else:
                 if to is not None:
                     raise click.UsageError("--to is for a host without a controller")
-                state = host_maintenance.enter_with_controller(
-                    controller, libvirt, wait, timeout, click.echo
+                state = kvmhook.maintenance.enter_with_controller(
+                    controller, hosts, wait, timeout, click.echo
                 )
                 outcome = f"the controller has the host in {state}"
     except KvmhookError as error:
         raise _failure(error) from None
     except KeyboardInterrupt:
-        raise _exit("interrupted: see kvmhook maintenance status", EXIT_ABORTED) from None
+        raise failure("interrupted: see kvmhook maintenance status", exitcodes.ABORTED) from None
     click.echo(outcome)
 
 
-@maintenance.command(epilog=_CANCEL_EPILOG)
+@maintenance.command(epilog=with_exit_codes("kvmhook maintenance cancel"))
 def cancel() -> None:
     """Take this host out of maintenance: Enabled, accepting guests again.
 
     Standalone: from any maintenance state; a drain under way stops before its
     next guest. With a controller: asks it to cancel, and records its answer."""
-    from kvmhook import maintenance as host_maintenance
+    import kvmhook.maintenance
 
     try:
-        controller = host_maintenance.load_controller()
+        controller = kvmhook.maintenance.load_controller()
         if controller is None:
-            left = host_maintenance.cancel_standalone()
-            outcome = f"{left} -> {host_maintenance.ENABLED}: this host accepts guests again"
+            left = kvmhook.maintenance.cancel_standalone()
+            outcome = f"{left} -> {kvmhook.maintenance.ENABLED}: this host accepts guests again"
         else:
-            state = host_maintenance.cancel_with_controller(controller)
+            state = kvmhook.maintenance.cancel_with_controller(controller)
             outcome = f"the controller has the host in {state}"
     except KvmhookError as error:
         raise _failure(error) from None
     click.echo(outcome)
 
 
-@maintenance.command(epilog=_STATUS_EPILOG)
+@maintenance.command(
+    epilog=with_exit_codes(
+        "kvmhook maintenance status",
+        "\b\nExample, before re-installing: kvmhook maintenance status --json | jq -e .removable",
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @connect_option
 def status(as_json: bool, source_uri: str) -> None:
@@ -148,10 +121,12 @@ def status(as_json: bool, source_uri: str) -> None:
     the guests running here, and whether the host may now be removed or
     re-installed: only in Maintenance with no guest left, and for KVM with the
     agent service stopped first."""
-    from kvmhook import maintenance as host_maintenance
+    import kvmhook.maintenance
 
     try:
-        found = host_maintenance.status(host_maintenance.load_controller(), _libvirt(source_uri))
+        found = kvmhook.maintenance.status(
+            kvmhook.maintenance.load_controller(), _hosts(source_uri)
+        )
     except KvmhookError as error:
         raise _failure(error) from None
     if as_json:
@@ -169,18 +144,20 @@ def status(as_json: bool, source_uri: str) -> None:
     click.echo(f"removable  {found.advice()}")
 
 
-def _libvirt(source_uri: str) -> Libvirt:
-    from kvmhook import maintenance as host_maintenance
-    from kvmhook import migrate as migration
+def _hosts(source_uri: str) -> Hosts:
+    import kvmhook.maintenance
+    import kvmhook.migrate
 
-    return host_maintenance.Libvirt(source_uri, migration.Progress(sys.stdout, sys.stdout.isatty()))
+    return kvmhook.maintenance.Hosts(
+        source_uri, kvmhook.migrate.Progress(sys.stdout, sys.stdout.isatty())
+    )
 
 
 def _peers(to: str | None) -> list[str]:
-    from kvmhook import maintenance as host_maintenance
+    import kvmhook.maintenance
 
     try:
-        return host_maintenance.parse_peers(to)
+        return kvmhook.maintenance.parse_peers(to)
     except MigrationError as error:
         raise click.BadParameter(str(error), param_hint="--to") from None
 
@@ -195,14 +172,4 @@ def _failure(error: KvmhookError) -> click.ClickException:
     """The error as click shows it, with the exit code the epilogs promise."""
     if isinstance(error, PeersRequiredError):
         return click.UsageError(str(error))
-    if isinstance(error, (IllegalTransitionError, MaintenanceBusyError)):
-        return _exit(str(error), EXIT_REFUSED)
-    if isinstance(error, MaintenanceAbortedError):
-        return _exit(str(error), EXIT_ABORTED)
-    return _exit(str(error), EXIT_FAILED)
-
-
-def _exit(message: str, code: int) -> click.ClickException:
-    failure = click.ClickException(message)
-    failure.exit_code = code
-    return failure
+    return failure(str(error), exitcodes.of(error))

@@ -6,25 +6,17 @@ import sys
 
 import click
 
-from kvmhook.cli.options import BANDWIDTH, SECONDS, connect_option
-from kvmhook.errors import KvmhookError, MigrationAbortedError, MigrationError, NotSecuredError
-
-EXIT_FAILED = 1
-EXIT_REFUSED = 3
-EXIT_ABORTED = 4
-
-_EPILOG = """\b
-Exit codes:
-  0  migrated
-  1  failed: a libvirt error, no such guest, or a guest not in a state to migrate
-  2  usage error
-  3  refused: this host or the destination is not secured (see kvmhook tls status)
-  4  aborted (--timeout reached, or Ctrl-C): the guest stays on this host
-
-Example: kvmhook migrate vm1 kvm2.example.org --bandwidth 500 --timeout 900"""
+from kvmhook import exitcodes
+from kvmhook.cli.options import BANDWIDTH, SECONDS, connect_option, failure, with_exit_codes
+from kvmhook.errors import KvmhookError, MigrationError
 
 
-@click.command(epilog=_EPILOG)
+@click.command(
+    epilog=with_exit_codes(
+        "kvmhook migrate",
+        "Example: kvmhook migrate vm1 kvm2.example.org --bandwidth 500 --timeout 900",
+    )
+)
 @click.argument("domain")
 @click.argument("dest_host")
 @click.option(
@@ -64,35 +56,25 @@ def migrate(
     (VIR_MIGRATE_TLS). Refuses when this host or the destination is not
     secured. Shows the progress while the migration runs."""
     # Imported here: loading libvirt-python costs every other command ~50 ms.
-    from kvmhook import migrate as migration
+    import kvmhook.migrate
 
     try:
-        plan = migration.make_plan(dest_host, live, bandwidth, allow_insecure)
+        plan = kvmhook.migrate.make_plan(dest_host, live, bandwidth, allow_insecure)
     except MigrationError as error:
         raise click.BadParameter(str(error), param_hint="DEST_HOST") from None
     if not plan.secure:
-        click.echo(migration.INSECURE_WARNING, err=True)
+        click.echo(kvmhook.migrate.INSECURE_WARNING, err=True)
     try:
-        migration.migrate(
+        kvmhook.migrate.migrate(
             domain,
             plan,
-            migration.Progress(sys.stdout, tty=sys.stdout.isatty()),
+            kvmhook.migrate.Progress(sys.stdout, tty=sys.stdout.isatty()),
             source_uri=source_uri,
             timeout=timeout,
-            local_check=migration.local_tls_problem,
-            dest_check=migration.dest_tls_problem,
+            local_check=kvmhook.migrate.local_tls_problem,
+            dest_check=kvmhook.migrate.dest_tls_problem,
         )
     except KvmhookError as error:
-        failure = click.ClickException(str(error))
-        failure.exit_code = _exit_code(error)
-        raise failure from None
+        raise failure(str(error), exitcodes.of(error)) from None
     stream = "memory stream encrypted" if plan.secure else "CLEAR TEXT"
     click.echo(f"migrated {domain} to {dest_host} ({plan.dest_uri}, {stream})")
-
-
-def _exit_code(error: KvmhookError) -> int:
-    if isinstance(error, NotSecuredError):
-        return EXIT_REFUSED
-    if isinstance(error, MigrationAbortedError):
-        return EXIT_ABORTED
-    return EXIT_FAILED

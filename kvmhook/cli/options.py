@@ -1,12 +1,14 @@
-"""Options and value types several commands share, defined once."""
+"""What several commands share, defined once: options, value types, the exit-code
+epilog and the error that exits with a given code."""
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import click
 
-from kvmhook import limits
+from kvmhook import exitcodes, limits
 
 # The libvirt of this host: the value lands in the command's `source_uri` argument.
 connect_option = click.option(
@@ -51,3 +53,18 @@ DAYS = Bounded(1, limits.MAX_DAYS)
 DAYS_FROM_0 = Bounded(0, limits.MAX_DAYS)
 SECONDS = Bounded(1, limits.MAX_SECONDS)
 BANDWIDTH = Bounded(1, limits.MAX_BANDWIDTH)
+
+
+def with_exit_codes(command: str, *paragraphs: str) -> str:
+    """A --help epilog: `paragraphs`, then `command`'s rows of kvmhook.exitcodes.TABLE."""
+    rows = ["\b", "Exit codes:"]
+    for code, meaning in sorted(exitcodes.TABLE[command].items()):
+        rows += textwrap.wrap(meaning, 76, initial_indent=f"  {code}  ", subsequent_indent="     ")
+    return "\n\n".join([*paragraphs, "\n".join(rows)])
+
+
+def failure(message: str, code: int) -> click.ClickException:
+    """`Error: message` on stderr, as click shows its own errors, and exit `code`."""
+    error = click.ClickException(message)
+    error.exit_code = code
+    return error

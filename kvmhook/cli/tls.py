@@ -7,9 +7,9 @@ from typing import Callable
 
 import click
 
-from kvmhook import startup
-from kvmhook import tls as core
-from kvmhook.cli.options import agent_dir_option
+import kvmhook.tls
+from kvmhook import exitcodes, startup
+from kvmhook.cli.options import agent_dir_option, with_exit_codes
 from kvmhook.errors import KvmhookError
 
 _restart_option = click.option(
@@ -25,7 +25,12 @@ def tls() -> None:
     """Secure this host: libvirt serving TLS on port 16514, migrations encrypted."""
 
 
-@tls.command(epilog="Example, before migrating: kvmhook tls status || kvmhook tls enable --restart")
+@tls.command(
+    epilog=with_exit_codes(
+        "kvmhook tls status",
+        "Example, before migrating: kvmhook tls status || kvmhook tls enable --restart",
+    )
+)
 @agent_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the items as JSON.")
 def status(agent_dir: str | None, as_json: bool) -> None:
@@ -36,7 +41,7 @@ def status(agent_dir: str | None, as_json: bool) -> None:
     start-up listening for TLS; a TLS handshake on the TLS port with our CA
     and client certificate; qemu.conf's migration TLS. Exits 0 only when
     secured, 1 otherwise."""
-    result = core.status(agent_dir)
+    result = kvmhook.tls.status(agent_dir)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
@@ -44,10 +49,14 @@ def status(agent_dir: str | None, as_json: bool) -> None:
             click.echo(f"{'ok' if item.ok else 'NOT OK':<6}  {item.name}: {item.detail}")
         click.echo("secured" if result.secured else "not secured")
     if not result.secured:
-        raise SystemExit(1)
+        raise SystemExit(exitcodes.FAILED)
 
 
-@tls.command(epilog="Example: kvmhook tls enable --restart && kvmhook tls status")
+@tls.command(
+    epilog=with_exit_codes(
+        "kvmhook tls enable", "Example: kvmhook tls enable --restart && kvmhook tls status"
+    )
+)
 @_restart_option
 def enable(restart: bool) -> None:
     """Switch TLS on.
@@ -59,10 +68,12 @@ def enable(restart: bool) -> None:
     nothing); each changed file keeps its previous content in FILE.bak.
     Refuses, changing nothing, when the certificate files are not
     installed."""
-    _switch(core.enable, restart, listen=True)
+    _switch(kvmhook.tls.enable, restart, listen=True)
 
 
-@tls.command(epilog="Example: kvmhook tls disable --restart")
+@tls.command(
+    epilog=with_exit_codes("kvmhook tls disable", "Example: kvmhook tls disable --restart")
+)
 @_restart_option
 def disable(restart: bool) -> None:
     """Switch TLS off.
@@ -70,10 +81,10 @@ def disable(restart: bool) -> None:
     Sets listen_tls = 0, takes --listen out or disables the TLS socket unit,
     and sets migrate_tls_force = 0 (when set). Each changed file keeps its
     previous content in FILE.bak."""
-    _switch(core.disable, restart, listen=False)
+    _switch(kvmhook.tls.disable, restart, listen=False)
 
 
-def _switch(action: Callable[[], core.Change], restart: bool, listen: bool) -> None:
+def _switch(action: Callable[[], kvmhook.tls.Change], restart: bool, listen: bool) -> None:
     try:
         change = action()
         _show(change, listen)
@@ -87,7 +98,7 @@ def _switch(action: Callable[[], core.Change], restart: bool, listen: bool) -> N
         raise click.ClickException(str(error)) from None
 
 
-def _show(change: core.Change, listen: bool) -> None:
+def _show(change: kvmhook.tls.Change, listen: bool) -> None:
     click.echo(f"libvirt starts as: {change.startup.describe()}")
     for file in change.files:
         kept = f"; previous content in {file.backup}" if file.backup else " (new file)"
