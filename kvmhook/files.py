@@ -43,6 +43,8 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import NamedTuple
 
+from kvmhook.process import write_all
+
 _JOURNAL = ".kvmhook-{}.journal"
 _FAULT = "KVMHOOK_TEST_FAULT"
 
@@ -105,9 +107,7 @@ class Transaction:
             if owner is not None or group is not None:
                 uid, gid = owner if owner is not None else (-1, -1)
                 os.fchown(fd, uid, gid if group is None else group)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
             info = os.fstat(fd)
         except BaseException:

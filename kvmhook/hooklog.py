@@ -145,8 +145,13 @@ class HookLog:
             return
         data = "".join(pieces).encode("utf-8", "backslashreplace")
         try:
-            while data:
-                data = data[os.write(fd, data) :]
+            # One write takes it all unless cut short (a signal, a full disk): only then is
+            # `process` imported for the rest, which every hook call would pay for otherwise.
+            written = os.write(fd, data)
+            if written < len(data):
+                from kvmhook.process import write_all
+
+                write_all(fd, data[written:])
         except OSError as error:
             self._fail(error)
 

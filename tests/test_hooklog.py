@@ -228,6 +228,18 @@ def test_hooklog_block_larger_than_a_write_piece_is_complete(tmp_path):
     assert [line.split(" script=all_big ", 1)[1] for line in lines] == texts
 
 
+def test_hooklog_block_survives_short_writes(tmp_path, monkeypatch):
+    """A write the kernel cuts short (a signal, a full disk) is carried on to the end."""
+    path = tmp_path / "hook.log"
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))
+    log = HookLog(str(path), "vm1", "start", "begin")
+    log.block("all_x", ["stdout: one", "stdout: two"])
+    log.close()
+    lines = path.read_text().splitlines()
+    assert [line.split(" script=all_x ", 1)[1] for line in lines] == ["stdout: one", "stdout: two"]
+
+
 def test_hooklog_unwritable_says_why_once_on_stderr(tmp_path, capsys):
     """When the log cannot be opened the reason goes to stderr once; records do not raise."""
     path = tmp_path / "hook.log"
