@@ -51,11 +51,6 @@ def read(complain: "Callable[[str], None] | None" = None) -> "tuple[str, str]":
     return state, lines[1].strip() if len(lines) > 1 else ""
 
 
-def refuses_new_guests() -> bool:
-    """Whether prepare and migrate must be refused now."""
-    return read()[0] in REFUSING
-
-
 def write(state: str, reason: str = "") -> None:
     """Record `state` (one of STATES) atomically, creating /var/lib/kvmhook if needed."""
     from kvmhook.files import Transaction

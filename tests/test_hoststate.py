@@ -21,7 +21,7 @@ def root(host, monkeypatch):
 def test_no_state_file_means_enabled(root):
     """A host that never entered maintenance is Enabled and refuses nothing."""
     assert hoststate.read() == (hoststate.ENABLED, "")
-    assert not hoststate.refuses_new_guests()
+    assert hoststate.read()[0] not in hoststate.REFUSING
 
 
 @pytest.mark.parametrize("state", hoststate.STATES)
@@ -39,7 +39,7 @@ def test_unknown_or_garbled_state_never_blocks(root):
     path.parent.mkdir(parents=True)
     for content in (b"Maintenanc\n", b"\xff\xfe", b""):
         path.write_bytes(content)
-        assert not hoststate.refuses_new_guests()
+        assert hoststate.read()[0] not in hoststate.REFUSING
 
 
 def test_write_refuses_an_unknown_state(root):
