@@ -1,8 +1,15 @@
-"""The hook's log: record format and locked, append-only writes.
+"""The hook's log: the record format, written and read back here, and locked, append-only writes.
 
 One record is one line:
 
     2026-11-24 13:45:01.123 +0000 pid=812 domain=vm1 op=start subop=begin script=all_a stdout: hi
+
+The text after `script=` starts with the record's kind (`start:`, `end:`,
+`stdout:`, ...). `parse()` reads a line back into a Record and `parse_end()`
+a script's `end:` text, next to what writes them, so the two cannot drift
+apart; `hooklogview` does the rest of `kvmhook hooks log`. The parsers import
+`re` and `datetime` only when called: the hook never parses, and must not pay
+for them on every guest start.
 
 A script's output and its end are written as one block under an exclusive
 `flock`, so 50 hooks for different guests running at once never interleave
@@ -26,6 +33,8 @@ import time
 # The hot path must not pay for importing typing or collections.abc.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import datetime
+    import re
     from collections.abc import Iterable, Iterator
 
 # Flush the block to the file in pieces of about this size, so a script's
@@ -65,6 +74,32 @@ def quote(value: str) -> str:
 def clean(text: str) -> str:
     """`text` with control characters escaped, safe to put in one record."""
     return text.translate(_ESCAPES)
+
+
+# The kinds of record `kvmhook hooks log` joins into one row: a script's start and its end.
+START, END = "start", "end"
+
+
+def start_text(argv: "list[str]", timeout: float) -> str:
+    """The text of a script's `start:` record: its command line and its timeout."""
+    return f"{START}: {' '.join(quote(arg) for arg in argv)} (timeout {timeout:g}s)"
+
+
+def end_text(
+    how: str, duration: "float | None" = None, timed_out_after: "float | None" = None
+) -> str:
+    """The text of a script's `end:` record; parse_end() reads it back.
+
+    `how` it ended (process.Outcome.ending: `exit 0`, `killed by SIGTERM`), and
+    after `duration` seconds; if it was stopped at its deadline,
+    `timed_out_after` that many seconds. Without `duration`, `how` says why it
+    could not start.
+    """
+    if duration is None:
+        return f"{END}: {how}"
+    if timed_out_after is not None:
+        how = f"timed out after {timed_out_after:g}s, process group stopped; {how}"
+    return f"{END}: {how} after {duration:.3f}s"
 
 
 def output_lines(segments: "Iterable[tuple[str, bytes | bytearray]]") -> "Iterator[str]":
@@ -254,3 +289,208 @@ def _timestamp() -> str:
     return (
         time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{millis:03d} " + time.strftime("%z", local)
     )
+
+
+# --- reading records back ---------------------------------------------------------
+# Pattern texts, compiled by `re`'s own cache on first use.
+_VALUE = r'("(?:[^"\\]|\\.)*"|[^ "]+)'
+_RECORD = (
+    r"((\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{3}) ([+-])(\d\d)(\d\d)) pid=(\d+)"
+    rf" domain={_VALUE} op={_VALUE} subop={_VALUE} script={_VALUE} (.*)"
+)
+_END = (
+    r"(?P<timeout>timed out after [^,]*, process group stopped; )?"
+    r"(?P<how>exit (?P<exit>\d+)|killed by (?P<signal>\S+)|.*?)"
+    r" after (?P<duration>\d+(?:\.\d+)?)s"
+)
+_SURROGATES = r"[\ud800-\udfff]"
+# Linux pids fit in 7 digits, exit statuses in 3: more digits is a forged or
+# corrupt record (and int() refuses over 4300 digits anyway).
+_MAX_DIGITS = 10
+
+
+class BadRecord(ValueError):
+    """A line of the log that is not a record, or a record with impossible values."""
+
+
+class Record:
+    """One parsed log record; field values unquoted, `text` as written (escapes kept)."""
+
+    __slots__ = ("domain", "operation", "pid", "script", "subop", "text", "time", "when")
+
+    def __init__(
+        self,
+        time: str,
+        when: "datetime.datetime",
+        pid: int,
+        domain: str,
+        operation: str,
+        subop: str,
+        script: str,
+        text: str,
+    ) -> None:
+        self.time = time  # "2026-11-24 13:45:01.123 +0000", as written
+        self.when = when  # the same, timezone-aware
+        self.pid = pid
+        self.domain = domain
+        self.operation = operation
+        self.subop = subop
+        self.script = script
+        self.text = text
+
+    @property
+    def kind(self) -> str:
+        """The record's kind (`start`, `end`, `stdout`, `refused`, ...), or "" when it has none."""
+        head, sep, _ = self.text.partition(": ")
+        return head if sep and head.isalpha() and head.islower() else ""
+
+    @property
+    def body(self) -> str:
+        """`text` without its `kind: ` prefix."""
+        kind = self.kind
+        return self.text[len(kind) + 2 :] if kind else self.text
+
+    def __repr__(self) -> str:
+        return f"Record({self.time!r}, {self.pid}, {self.domain!r}, {self.script!r}, {self.text!r})"
+
+
+def parse(line: str) -> Record:
+    """The record on `line` (the inverse of the format `HookLog` writes).
+
+    Raises BadRecord, saying why, if `line` is not a record or its time or pid
+    is impossible.
+    """
+    import re
+
+    match = re.fullmatch(_RECORD, line.rstrip("\n"), re.DOTALL)
+    if match is None:
+        raise BadRecord("not a log record")
+    stamp, *moment, pid, domain, operation, subop, script, text = match.groups()
+    if len(pid) > _MAX_DIGITS:
+        raise BadRecord(f"pid has {len(pid)} digits")
+    return Record(
+        stamp,
+        _moment(*moment),
+        int(pid),
+        unquote(domain),
+        unquote(operation),
+        unquote(subop),
+        unquote(script),
+        text,
+    )
+
+
+def _moment(*fields: str) -> "datetime.datetime":
+    import datetime
+
+    year, month, day, hour, minute, second, millis, sign, zone_hours, zone_minutes = fields
+    try:
+        return datetime.datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            int(millis) * 1000,
+            _zone(sign, zone_hours, zone_minutes),
+        )
+    except ValueError as error:  # a month 99, a UTC offset of 25 hours...
+        raise BadRecord(f"impossible time: {error}") from None
+
+
+# UTC offsets made so far: a log has one or two. At most 12,000 (sign, 2 digits, 2 digits).
+_ZONES: "dict[tuple[str, str, str], datetime.timezone]" = {}
+
+
+def _zone(sign: str, hours: str, minutes: str) -> "datetime.timezone":
+    import datetime
+
+    key = (sign, hours, minutes)
+    zone = _ZONES.get(key)
+    if zone is None:
+        if int(minutes) >= 60:
+            raise ValueError(f"UTC offset minute {int(minutes)}")
+        offset = datetime.timedelta(hours=int(hours), minutes=int(minutes))
+        zone = _ZONES[key] = datetime.timezone(-offset if sign == "-" else offset)
+    return zone
+
+
+def unquote(value: str) -> str:
+    """A field value as `quote()` wrote it, back to the original (lone surrogates as text)."""
+    if not (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
+        return value
+    out: list[str] = []
+    body, i, n = value[1:-1], 0, len(value) - 2
+    while i < n:
+        c = body[i]
+        if c != "\\" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        escape = body[i + 1]
+        width = {"x": 2, "u": 4}.get(escape, 0)
+        digits = body[i + 2 : i + 2 + width]
+        if width and len(digits) == width and all(d in "0123456789abcdef" for d in digits):
+            out.append(chr(int(digits, 16)))
+            i += 2 + width
+        else:
+            out.append(escape)
+            i += 2
+    return without_surrogates("".join(out))
+
+
+def without_surrogates(text: str) -> str:
+    """`text` with lone surrogates (from bytes that were not UTF-8) as `\\xNN` / `\\uNNNN` text.
+
+    They cannot be encoded as UTF-8: printed, they would stop the output with
+    UnicodeEncodeError, or make JSON invalid UTF-8.
+    """
+    import re
+
+    return re.sub(_SURROGATES, _surrogate_text, text)
+
+
+def _surrogate_text(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        # os.fsdecode() turns a byte that is not UTF-8 into U+DC80..U+DCFF: show
+        # the byte, as the log shows such bytes in a script's output.
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+class Ending:
+    """A script's `end:` record read back: what end_text() was given, as numbers."""
+
+    __slots__ = ("duration", "exit", "how", "signal", "timed_out")
+
+    def __init__(self, how: str, duration: float, timed_out: bool) -> None:
+        self.how = how  # `exit 3`, `killed by SIGTERM`, ...
+        self.duration = duration
+        self.timed_out = timed_out
+        self.exit: int | None = None
+        self.signal: str | None = None
+
+
+def parse_end(body: str) -> "Ending | None":
+    """The `end:` record text `body` (without `end: `) read back; None when the script
+    never started (its text says why). Raises BadRecord for impossible numbers."""
+    import math
+    import re
+
+    match = re.fullmatch(_END, body)
+    if match is None:
+        return None
+    ending = Ending(
+        match.group("how"), float(match.group("duration")), bool(match.group("timeout"))
+    )
+    if not math.isfinite(ending.duration):  # JSON has no Infinity
+        raise BadRecord(f"duration of {len(match.group('duration'))} digits")
+    if match.group("exit") is not None:
+        if len(match.group("exit")) > _MAX_DIGITS:
+            raise BadRecord(f"exit status of {len(match.group('exit'))} digits")
+        ending.exit = int(match.group("exit"))
+        ending.how = f"exit {ending.exit}"  # leading zeros dropped, as a number shows
+    ending.signal = match.group("signal")
+    return ending

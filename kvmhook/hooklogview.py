@@ -1,9 +1,8 @@
 """Reading the hook's log back: script runs from its records, across rotated files.
 
-`hooklog` writes the format; `parse()` here reads it back (kept out of
-`hooklog`, which the hook imports on every call). This module joins a script's
-`start:` record with its `end:` record into one run, reads logrotate's
-siblings oldest first, filters, and follows the live file.
+`hooklog` writes the records and parses them back; this module joins a
+script's `start:` record with its `end:` record into one row, reads
+logrotate's siblings oldest first, filters, follows the live file and prints.
 
 Whatever is in the log directory is read as hostile: a file that is not a
 regular file (a FIFO would block the reader), a link, a truncated `.gz`, a line
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import errno
-import functools
 import gzip
 import itertools
 import json
@@ -29,21 +27,15 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO, Callable
 
+from kvmhook.hooklog import END, START, BadRecord, Record, parse, parse_end, without_surrogates
+
 Report = Callable[[str], None]
 
-_END = re.compile(
-    r"(?P<timeout>timed out after [^,]*, process group stopped; )?"
-    r"(?:exit (?P<exit>\d+)|killed by (?P<signal>\S+)|(?P<other>.*?))"
-    r" after (?P<duration>\d+(?:\.\d+)?)s"
-)
 _RELATIVE = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # --since goes back at most this far: 100 years is older than any log, and
 # keeps the arithmetic far from datetime's limits.
 MAX_AGO_DAYS = 36500
-# Linux pids fit in 7 digits, exit statuses in 3: more digits is a forged or
-# corrupt record (and int() refuses over 4300 digits anyway).
-_MAX_DIGITS = 10
 # A line is kept up to this many bytes and the rest of it is dropped, so a file
 # without newlines cannot fill memory. Every record the viewer shows (start,
 # end, ignored, hook-level) is far shorter; longer lines are script output.
@@ -51,35 +43,19 @@ MAX_LINE = 64 * 1024
 # Line and paragraph separators, and the bidi controls that reorder what a
 # terminal shows (Trojan Source): invisible, so shown as escapes.
 _INVISIBLE = r"\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-# Lone surrogates cannot be encoded as UTF-8: printed, they would stop the output
-# with UnicodeEncodeError, or make `--json` invalid UTF-8.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Unlike `hooklog.clean()`, tab too: it would break the table's columns.
-_UNPRINTABLE = re.compile(rf"[\x00-\x1f\x7f-\x9f{_INVISIBLE}\ud800-\udfff]")
+_UNPRINTABLE = re.compile(rf"[\x00-\x1f\x7f-\x9f{_INVISIBLE}]")
 # json.dumps escapes C0 controls itself; these it would print raw.
 _JSON_UNSAFE = re.compile(rf"[\x7f-\x9f{_INVISIBLE}]")
 
 
-class BadRecord(ValueError):
-    """A line of the log that is not a record, or a record with impossible values."""
-
-
 def printable(text: str) -> str:
     """`text` safe for a terminal: controls, line separators, bidi controls, surrogates escaped."""
-    return _UNPRINTABLE.sub(_escape, text)
-
-
-def without_surrogates(text: str) -> str:
-    """`text` with lone surrogates (from bytes that were not UTF-8) as `\\xNN` / `\\uNNNN` text."""
-    return _SURROGATE.sub(_escape, text)
+    return _UNPRINTABLE.sub(_escape, without_surrogates(text))
 
 
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:
-        # os.fsdecode() turns a byte that is not UTF-8 into U+DC80..U+DCFF: show
-        # the byte, as the log shows such bytes in a script's output.
-        return f"\\x{code - 0xDC00:02x}"
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
@@ -87,130 +63,9 @@ def _json_escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-class Record:
-    """One parsed log record; field values unquoted, `text` as written (escapes kept)."""
-
-    __slots__ = ("domain", "operation", "pid", "script", "subop", "text", "time", "when")
-
-    def __init__(
-        self,
-        time: str,
-        when: datetime.datetime,
-        pid: int,
-        domain: str,
-        operation: str,
-        subop: str,
-        script: str,
-        text: str,
-    ) -> None:
-        self.time = time  # "2026-11-24 13:45:01.123 +0000", as written
-        self.when = when  # the same, timezone-aware
-        self.pid = pid
-        self.domain = domain
-        self.operation = operation
-        self.subop = subop
-        self.script = script
-        self.text = text
-
-    @property
-    def kind(self) -> str:
-        """The record's kind (`start`, `end`, `stdout`, `refused`, ...), or "" when it has none."""
-        head, sep, _ = self.text.partition(": ")
-        return head if sep and head.isalpha() and head.islower() else ""
-
-    @property
-    def body(self) -> str:
-        """`text` without its `kind: ` prefix."""
-        kind = self.kind
-        return self.text[len(kind) + 2 :] if kind else self.text
-
-    def __repr__(self) -> str:
-        return f"Record({self.time!r}, {self.pid}, {self.domain!r}, {self.script!r}, {self.text!r})"
-
-
-_VALUE = r'("(?:[^"\\]|\\.)*"|[^ "]+)'
-_RECORD = re.compile(
-    r"((\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{3}) ([+-])(\d\d)(\d\d)) pid=(\d+)"
-    rf" domain={_VALUE} op={_VALUE} subop={_VALUE} script={_VALUE} (.*)",
-    re.DOTALL,
-)
-
-
-def parse(line: str) -> Record:
-    """The record on `line` (the inverse of the format `HookLog` writes).
-
-    Raises BadRecord, saying why, if `line` is not a record or its time or pid
-    is impossible.
-    """
-    match = _RECORD.fullmatch(line.rstrip("\n"))
-    if match is None:
-        raise BadRecord("not a log record")
-    time, *moment, pid, domain, operation, subop, script, text = match.groups()
-    if len(pid) > _MAX_DIGITS:
-        raise BadRecord(f"pid has {len(pid)} digits")
-    return Record(
-        time,
-        _moment(*moment),
-        int(pid),
-        unquote(domain),
-        unquote(operation),
-        unquote(subop),
-        unquote(script),
-        text,
-    )
-
-
-def _moment(*fields: str) -> datetime.datetime:
-    year, month, day, hour, minute, second, millis, sign, zone_hours, zone_minutes = fields
-    try:
-        return datetime.datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour),
-            int(minute),
-            int(second),
-            int(millis) * 1000,
-            _zone(sign, int(zone_hours), int(zone_minutes)),
-        )
-    except ValueError as error:  # a month 99, a UTC offset of 25 hours...
-        raise BadRecord(f"impossible time: {error}") from None
-
-
-@functools.lru_cache(maxsize=64)
-def _zone(sign: str, hours: int, minutes: int) -> datetime.timezone:
-    if minutes >= 60:
-        raise ValueError(f"UTC offset minute {minutes}")
-    offset = datetime.timedelta(hours=hours, minutes=minutes)
-    return datetime.timezone(-offset if sign == "-" else offset)
-
-
-def unquote(value: str) -> str:
-    """A field value as `quote()` wrote it, back to the original (lone surrogates as text)."""
-    if not (len(value) >= 2 and value[0] == '"' and value[-1] == '"'):
-        return value
-    out: list[str] = []
-    body, i, n = value[1:-1], 0, len(value) - 2
-    while i < n:
-        c = body[i]
-        if c != "\\" or i + 1 >= n:
-            out.append(c)
-            i += 1
-            continue
-        escape = body[i + 1]
-        width = {"x": 2, "u": 4}.get(escape, 0)
-        digits = body[i + 2 : i + 2 + width]
-        if width and len(digits) == width and all(d in "0123456789abcdef" for d in digits):
-            out.append(chr(int(digits, 16)))
-            i += 2 + width
-        else:
-            out.append(escape)
-            i += 2
-    return without_surrogates("".join(out))
-
-
-class Run:
-    """One row: a script's run (start joined with end), or a hook-level/ignored record."""
+class LogRow:
+    """One row of `kvmhook hooks log`: a script's run (its start joined with its end), or a
+    hook-level or ignored record."""
 
     def __init__(self, record: Record, result: str) -> None:
         self.record = record  # the start record (or the lone record)
@@ -281,54 +136,42 @@ class Joiner:
     def __init__(self) -> None:
         self._started: dict[tuple[int, str], Record] = {}
 
-    def feed(self, record: Record) -> tuple[Run, ...]:
+    def feed(self, record: Record) -> tuple[LogRow, ...]:
         """The rows `record` completes. Raises BadRecord for an end with impossible numbers."""
         kind = record.kind
         key = (record.pid, record.script)
-        if record.script != "-" and kind == "start":
+        if record.script != "-" and kind == START:
             self._started[key] = record
             if len(self._started) > self.MAX_OPEN:
                 oldest = next(iter(self._started))
-                return (Run(self._started.pop(oldest), "no end record"),)
-        elif record.script != "-" and kind == "end":
+                return (LogRow(self._started.pop(oldest), "no end record"),)
+        elif record.script != "-" and kind == END:
             # The start is dropped only once the end is good: with a bad end,
             # the run shows as unfinished.
-            run = _ended(self._started.get(key, record), record.body)
+            row = _ended(self._started.get(key, record), record.body)
             self._started.pop(key, None)
-            return (run,)
+            return (row,)
         elif kind == "ignored" or (record.script == "-" and kind != "config"):
-            return (Run(record, record.text),)
+            return (LogRow(record, record.text),)
         return ()
 
-    def unfinished(self) -> Iterator[Run]:
+    def unfinished(self) -> Iterator[LogRow]:
         """Runs whose end is not (yet) in the log: still running, or the hook was killed."""
         for record in self._started.values():
-            yield Run(record, "no end record")
+            yield LogRow(record, "no end record")
         self._started.clear()
 
 
-def _ended(start: Record, text: str) -> Run:
-    match = _END.fullmatch(text)
-    if match is None:  # `cannot execute: ...`
-        return Run(start, text)
-    run = Run(start, "")
-    run.timed_out = bool(match.group("timeout"))
-    run.duration_s = float(match.group("duration"))
-    if not math.isfinite(run.duration_s):  # JSON has no Infinity
-        raise BadRecord(f"duration of {len(match.group('duration'))} digits")
-    if match.group("exit") is not None:
-        if len(match.group("exit")) > _MAX_DIGITS:
-            raise BadRecord(f"exit status of {len(match.group('exit'))} digits")
-        run.exit = int(match.group("exit"))
-        run.result = f"exit {run.exit}"
-    elif match.group("signal"):
-        run.signal = match.group("signal")
-        run.result = f"killed by {run.signal}"
-    else:
-        run.result = match.group("other")
-    if run.timed_out:
-        run.result = f"timed out; {run.result}"
-    return run
+def _ended(start: Record, text: str) -> LogRow:
+    ending = parse_end(text)
+    if ending is None:  # `cannot execute: ...`
+        return LogRow(start, text)
+    row = LogRow(start, f"timed out; {ending.how}" if ending.timed_out else ending.how)
+    row.timed_out = ending.timed_out
+    row.duration_s = ending.duration
+    row.exit = ending.exit
+    row.signal = ending.signal
+    return row
 
 
 def log_files(path: str, report: Report = lambda message: None) -> list[str]:
@@ -525,19 +368,19 @@ class Filter:
         self.domain = None if domain is None else without_surrogates(domain)
         self.operation, self.since = operation, since
 
-    def __call__(self, run: Run) -> bool:
-        r = run.record
+    def __call__(self, row: LogRow) -> bool:
+        r = row.record
         return (
             (self.domain is None or r.domain == self.domain)
             and (self.operation is None or r.operation == self.operation)
-            and (self.since is None or run.when >= self.since)
+            and (self.since is None or row.when >= self.since)
         )
 
 
-Keep = Callable[[Run], bool]
+Keep = Callable[[LogRow], bool]
 
 
-def _rows(log: _LogFile, joiner: Joiner, keep: Keep, finished: bool) -> Iterator[Run]:
+def _rows(log: _LogFile, joiner: Joiner, keep: Keep, finished: bool) -> Iterator[LogRow]:
     for record in log.records(finished):
         try:
             rows = joiner.feed(record)
@@ -547,7 +390,7 @@ def _rows(log: _LogFile, joiner: Joiner, keep: Keep, finished: bool) -> Iterator
         yield from filter(keep, rows)
 
 
-def _file_rows(path: str, joiner: Joiner, keep: Keep, report: Report) -> Iterator[Run]:
+def _file_rows(path: str, joiner: Joiner, keep: Keep, report: Report) -> Iterator[LogRow]:
     log = _LogFile(path, report)
     try:
         log.open()
@@ -563,8 +406,8 @@ def _file_rows(path: str, joiner: Joiner, keep: Keep, report: Report) -> Iterato
 
 
 def runs(
-    path: str, keep: Keep = lambda run: True, report: Report = lambda message: None
-) -> Iterator[Run]:
+    path: str, keep: Keep = lambda row: True, report: Report = lambda message: None
+) -> Iterator[LogRow]:
     """Every row in the log and its rotated siblings, unfinished runs last.
 
     A file or line that cannot be used is skipped and reported through `report`.
@@ -585,7 +428,7 @@ class _LiveLog:
         self._log: _LogFile | None = None
         self._refused = ""  # why the file at `path` cannot be read, said once
 
-    def rows(self, joiner: Joiner, keep: Keep) -> Iterator[Run]:
+    def rows(self, joiner: Joiner, keep: Keep) -> Iterator[LogRow]:
         """Rows of the records appended since the last call (none while there is no file)."""
         log = self._log or self._open()
         if log is None:
@@ -626,11 +469,11 @@ class _LiveLog:
 
 def follow(
     path: str,
-    keep: Keep = lambda run: True,
+    keep: Keep = lambda row: True,
     interval: float = 0.5,
     history: bool = True,
     report: Report = lambda message: None,
-) -> Iterator[Run]:
+) -> Iterator[LogRow]:
     """Rows from the log (history first, if asked), then from records as they are appended.
 
     Polls for growth; a new inode at `path` (rotation) is read from its start
@@ -649,20 +492,20 @@ def follow(
         time.sleep(interval)
 
 
-def table_row(run: Run) -> str:
+def table_row(row: LogRow) -> str:
     """One table line: time, domain, operation, script, result, duration (all printable)."""
-    r = run.record
+    r = row.record
     operation = r.operation if r.subop == "-" else f"{r.operation}/{r.subop}"
-    duration = f"{run.duration_s:.3f}s" if run.duration_s is not None else "-"
+    duration = f"{row.duration_s:.3f}s" if row.duration_s is not None else "-"
     return (
         f"{r.time[:23]}  {printable(r.domain):<16} {printable(operation):<16} "
-        f"{printable(r.script):<24} {printable(run.result):<24} {duration}"
+        f"{printable(r.script):<24} {printable(row.result):<24} {duration}"
     ).rstrip()
 
 
-def json_line(run: Run) -> str:
+def json_line(row: LogRow) -> str:
     """The run as one line of JSON, UTF-8-encodable, with nothing a terminal would act on."""
-    return _JSON_UNSAFE.sub(_json_escape, json.dumps(run.as_json(), ensure_ascii=False))
+    return _JSON_UNSAFE.sub(_json_escape, json.dumps(row.as_json(), ensure_ascii=False))
 
 
 TABLE_HEADER = (

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sandbox import cli_runner
 
-from kvmhook import hooklogview
+from kvmhook import hooklog, hooklogview
 from kvmhook.cli import main
 from kvmhook.hooklog import quote
 
@@ -437,10 +437,10 @@ def test_any_line_parses_to_a_printable_row_or_bad_record(junk, name):
     lines = [junk.decode("utf-8", "backslashreplace"), record(name, name).rstrip("\n")]
     for line in lines:
         try:
-            parsed = hooklogview.parse(line)
-        except hooklogview.BadRecord:
+            parsed = hooklog.parse(line)
+        except hooklog.BadRecord:
             continue
-        run = hooklogview.Run(parsed, parsed.text)
-        shown = hooklogview.table_row(run) + hooklogview.json_line(run)
+        row = hooklogview.LogRow(parsed, parsed.text)
+        shown = hooklogview.table_row(row) + hooklogview.json_line(row)
         assert not UNSAFE.search(shown)
         shown.encode("utf-8")
