@@ -10,8 +10,8 @@ from __future__ import annotations
 import configparser
 
 from kvmhook import limits, paths
-from kvmhook.dispatch import ABORTABLE
 from kvmhook.errors import ConfigError
+from kvmhook.operations import ABORTABLE, BY_NAME
 
 # What each syntax error means, most specific first; each knows the line it found wrong.
 _SYNTAX_PROBLEMS = (
@@ -119,13 +119,6 @@ def _factor(config: Config, option: str) -> float | None:
     return value
 
 
-# Why the others can never abort: libvirt ignores their exit status, or worse.
-_NEVER_ABORT = {
-    "reconnect": "a failing reconnect makes libvirt kill the running guest",
-    "stopped": "libvirt ignores its exit status",
-    "release": "libvirt ignores its exit status",
-    "attach": "libvirt never runs it for current QEMU guests",
-}
 IGNORE, ABORT = "ignore", "abort"
 
 
@@ -143,15 +136,16 @@ def abort_on(config: Config) -> frozenset[str]:
     listed = config.get("hooks", "abort_on", fallback=None)
     names = ABORTABLE if listed is None else listed.lower().replace(",", " ").split()
     for name in names:
-        if name in _NEVER_ABORT:
-            raise ConfigError(
-                f"{config.path}: [hooks] abort_on = {listed}: {name} can never "
-                f"abort ({_NEVER_ABORT[name]})"
-            )
-        if name not in ABORTABLE:
+        operation = BY_NAME.get(name)
+        if operation is None:
             raise ConfigError(
                 f"{config.path}: [hooks] abort_on = {listed}: {name} is not an "
                 f"operation (choose from {', '.join(ABORTABLE)})"
+            )
+        if not operation.may_abort:
+            raise ConfigError(
+                f"{config.path}: [hooks] abort_on = {listed}: {name} can never "
+                f"abort ({operation.never_aborts})"
             )
     if listed is not None and not names:
         raise ConfigError(

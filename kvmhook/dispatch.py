@@ -1,123 +1,32 @@
-"""Which custom scripts run for a hook call, in what order, and their log.
+"""Running the custom scripts of one hook call: in order, under the veto policy, with the
+XML rewrite chain of migrate and restore, each logged.
 
-Scripts live in the custom dir, named `<operation>_<name>` or `all_<name>`,
-and in its per-guest subdirectory `<domain-name>/`, which runs only for that
-guest. They run ordered by `<name>` as bytes, ties broken by the full file
-name, then the global script before the guest's, so the order is the same on
-every machine and in every locale. Running a child is `process`'s job; the
-record format is `hooklog`'s.
+Which scripts run is `discovery`'s answer; the limits come resolved from
+the entry point (`hookconf.limits`); running a child is `process`'s job
+and the record format `hooklog`'s.
 """
 
 import os
-import stat
 
 from kvmhook import paths
-from kvmhook.hooklog import HookLog, clean, output_lines, quote
+from kvmhook.discovery import Script, custom_dir_error, discover
+from kvmhook.hooklog import HookLog, clean, end_text, output_lines, start_text
+from kvmhook.operations import BY_NAME, Event
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from kvmhook import process
+    from kvmhook.hookconf import Limits
 
-# The operations libvirt passes to the qemu hook, in the order of a guest's life.
-OPERATIONS = (
-    "prepare",
-    "start",
-    "started",
-    "stopped",
-    "release",
-    "migrate",
-    "restore",
-    "reconnect",
-    "attach",
-)
-# The operations whose non-zero exit libvirt honours by stopping what it does
-# (reconnect's too, but by killing a running guest: it never aborts).
-ABORTABLE = ("prepare", "start", "started", "migrate", "restore")
-# The operations whose new domain XML libvirt reads from the hook's stdout.
-REWRITABLE = ("migrate", "restore")
 # The qemu hook found at install, chained by the packages as this custom script
 # (a link to /etc/libvirt/hooks/qemu.pre-kvmhook). Written for libvirt, it prints
 # the new domain XML on its stdout for migrate and restore: that is its rewrite.
 PREVIOUS_HOOK = "all_00-previous-qemu-hook"
-ALL = "all"  # prefix of scripts that run for every operation
-# Never run, as with run-parts: what editors and package managers leave behind.
-LEFTOVER_SUFFIXES = (
-    "~",
-    ".swp",
-    ".dpkg-old",
-    ".dpkg-dist",
-    ".dpkg-new",
-    ".dpkg-tmp",
-    ".rpmsave",
-    ".rpmnew",
-    ".rpmorig",
-)
-DEFAULT_TIMEOUT = 10 * 60.0
-DEFAULT_GRACE = 5.0
-DEFAULT_MAX_OUTPUT = 1024 * 1024
 
 
-class Event:
-    """One call of the hook: the four arguments libvirt passed."""
-
-    __slots__ = ("domain", "extra", "operation", "subop")
-
-    def __init__(self, domain: str, operation: str, subop: str = "-", extra: str = "-") -> None:
-        self.domain = domain
-        self.operation = operation
-        self.subop = subop
-        self.extra = extra
-
-    @property
-    def argv(self) -> list[str]:
-        """The arguments every custom script receives: the hook's own."""
-        return [self.domain, self.operation, self.subop, self.extra]
-
-
-class Script:
-    """A custom script that will run."""
-
-    __slots__ = ("name", "path")
-
-    def __init__(self, name: str, path: str) -> None:
-        self.name = name
-        self.path = path
-
-
-class Ignored:
-    """A file in the custom dir that will not run, and why.
-
-    `notable` files have a name that asks to run for this operation; the
-    hook logs why they did not. The others (other operations' scripts,
-    leftovers, foreign names) are only shown by `kvmhook hooks list`.
-    `broken` ones are notable files that cannot be run (unsafe, a broken
-    link, not a file): under the veto policy they fail the chain, while a
-    script without the execute bit is switched off, as with run-parts.
-    """
-
-    __slots__ = ("broken", "name", "notable", "reason")
-
-    def __init__(self, name: str, reason: str, notable: bool, broken: bool = False) -> None:
-        self.name = name
-        self.reason = reason
-        self.notable = notable
-        self.broken = broken
-
-
-class Limits:
-    """Per-script time and output limits."""
-
-    __slots__ = ("grace", "max_output", "timeout")
-
-    def __init__(self, timeout: float, grace: float, max_output: int) -> None:
-        self.timeout = timeout
-        self.grace = grace
-        self.max_output = max_output
-
-
-class Run:
+class ScriptRun:
     """One script's run: its outcome, or the OS error that kept it from starting.
 
     `bad_rewrite` says why the domain XML it wrote was discarded, if it was.
@@ -167,221 +76,15 @@ class Chain:
     __slots__ = ("runs", "veto", "xml")
 
     def __init__(self) -> None:
-        self.runs: list[Run] = []
+        self.runs: list[ScriptRun] = []
         self.veto: list[str] | None = None
         self.xml: bytes | None = None
-
-
-def discover(
-    directory: str, operation: str, domain: "str | None" = None
-) -> tuple[list[Script], list[Ignored]]:
-    """The scripts that run for `operation`, in order, and every file that does not.
-
-    With `domain`, the scripts of `<directory>/<domain>/` (matched exactly) are
-    merged in; their names are `<domain>/<file>`. A per-guest dir that is
-    unsafe or unreadable is reported as a notable Ignored entry named `<domain>`
-    and only its scripts are skipped. Raises CustomDirError when the custom dir
-    itself is missing, unreadable or unsafe.
-    """
-    try:
-        real, reason = _resolve(directory, "custom dir")
-        entries = list(os.scandir(real)) if reason is None else []
-    except OSError as error:
-        raise _custom_dir_error()(f"custom dir {directory}: {error.strerror or error}") from None
-    if reason is not None:
-        raise _custom_dir_error()(f"refused custom dir {directory}: {reason}")
-    # A name that could leave the custom dir matches nothing; scandir never yields one anyway.
-    tricky = not domain or domain in (".", "..") or "/" in domain or "\0" in domain
-    guest = None if tricky else domain
-    scripts: list[tuple[bytes, bytes, int, Script]] = []
-    ignored: list[Ignored] = []
-    for entry in entries:
-        if entry.name == guest and entry.is_dir():
-            found = _guest_scripts(entry, operation, scripts, ignored)
-        else:
-            found = _classify(entry, operation)
-        if isinstance(found, Script):
-            rest = entry.name.partition("_")[2]
-            scripts.append((os.fsencode(rest), os.fsencode(entry.name), 0, found))
-        else:
-            ignored.append(found)
-    scripts.sort(key=lambda item: item[:3])
-    ignored.sort(key=lambda item: os.fsencode(item.name))
-    return [item[3] for item in scripts], ignored
-
-
-def _guest_scripts(
-    entry: os.DirEntry,
-    operation: str,
-    scripts: "list[tuple[bytes, bytes, int, Script]]",
-    ignored: list[Ignored],
-) -> Ignored:
-    """Add the per-guest dir `entry`'s scripts (key rank 1: after a global of the same
-    name) and ignored files; return the dir's own entry, notable when it is refused."""
-    name = entry.name
-    try:
-        if entry.is_symlink():
-            real, reason = _resolve(entry.path, "per-guest dir")
-        else:  # the custom dir above it is already checked
-            real = entry.path
-            reason = _unsafe(entry.stat(follow_symlinks=False), f"per-guest dir {real}", False)
-        children = list(os.scandir(real)) if reason is None else []
-    except OSError as error:
-        reason = f"per-guest dir {entry.path}: {error.strerror or error}"
-    if reason is not None:
-        return Ignored(name, f"per-guest scripts of guest {name} not run: {reason}", True, True)
-    for child in children:
-        found = _classify(child, operation, name + "/")
-        if isinstance(found, Script):
-            rest = child.name.partition("_")[2]
-            scripts.append((os.fsencode(rest), os.fsencode(child.name), 1, found))
-        else:
-            ignored.append(found)
-    return Ignored(name, f"per-guest scripts of guest {name}", False)
-
-
-def _custom_dir_error() -> "type[Exception]":
-    """kvmhook.errors.CustomDirError, imported only when needed: that module holds every
-    exception of the project, and the hook would pay for all of them on every call."""
-    from kvmhook.errors import CustomDirError
-
-    return CustomDirError
-
-
-def _classify(entry: os.DirEntry, operation: str, guest: str = "") -> "Script | Ignored":
-    """`entry` of the custom dir, or of a per-guest dir when `guest` is `<domain>/`."""
-    prefix, _, rest = entry.name.partition("_")
-    name = guest + entry.name
-    if not rest or prefix not in (operation, ALL):
-        if not guest and entry.is_dir():  # d_type: no system call for a plain entry
-            return Ignored(name, f"per-guest scripts of guest {name}", False)
-        if rest and prefix in OPERATIONS:
-            return Ignored(name, f"runs for {prefix} only", False)
-        return Ignored(name, "name is not <operation>_<name> or all_<name>", False)
-    if name.endswith(LEFTOVER_SUFFIXES):
-        return Ignored(name, "editor or package-manager leftover", False)
-    try:
-        st = os.stat(entry.path)
-    except FileNotFoundError:
-        if entry.is_symlink():
-            return Ignored(name, "broken symbolic link", True, True)
-        return Ignored(name, "vanished", True)
-    except OSError as error:
-        return Ignored(name, f"cannot stat: {error.strerror}", True, True)
-    if not stat.S_ISREG(st.st_mode):
-        if not guest and stat.S_ISDIR(st.st_mode):
-            return Ignored(name, f"per-guest scripts of guest {name}", False)
-        return Ignored(name, "not a regular file", True, True)
-    if not st.st_mode & 0o111:
-        return Ignored(name, f"not executable (mode {stat.S_IMODE(st.st_mode):04o})", True)
-    reason = _unsafe(st, "script", sticky_ok=False)
-    if reason is None and entry.is_symlink():
-        try:
-            reason = _resolve(entry.path, "link target")[1]
-        except OSError as error:
-            reason = f"cannot check the link target: {error.strerror}"
-    if reason is not None:
-        return Ignored(name, f"refused: {reason}", True, True)
-    return Script(name, entry.path)
-
-
-def _resolve(path: str, what: str) -> "tuple[str, str | None]":
-    """`path` resolved as realpath does, and why it is unsafe, or None.
-
-    Unsafe: the file, a directory above it, or a directory holding one of
-    the links followed on the way could be changed by someone but root or
-    us; such a person could then choose what runs.
-    """
-    pending = [part for part in reversed(path.split("/")) if part not in ("", ".")]
-    current = "/" if path.startswith("/") else os.getcwd()
-    links = 0
-    while pending:
-        part = pending.pop()
-        candidate = os.path.dirname(current) if part == ".." else os.path.join(current, part)
-        if part != ".." and os.path.islink(candidate):
-            links += 1
-            reason = "too many links" if links > 40 else _unsafe_path(current, "link's directory")
-            if reason is not None:
-                return candidate, reason
-            target = os.readlink(candidate)
-            pending.extend(p for p in reversed(target.split("/")) if p not in ("", "."))
-            if target.startswith("/"):
-                current = "/"
-            continue
-        current = candidate
-    return current, _unsafe_path(current, what)
-
-
-def _unsafe_path(real: str, what: str) -> "str | None":
-    """Why the resolved path `real` could be changed by someone but root or us, or None.
-
-    Checks it and every directory above it: a script is only as safe as the
-    directories that hold it. Root-owned sticky directories (such as /tmp)
-    above it are fine: others cannot replace what is in them.
-    """
-    reason = _unsafe(os.stat(real), f"{what} {real}", sticky_ok=False)
-    parent = real
-    while reason is None and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-        reason = _unsafe(os.stat(parent), f"directory {parent}", sticky_ok=True)
-    return reason
-
-
-def _unsafe(st: os.stat_result, what: str, sticky_ok: bool) -> "str | None":
-    if st.st_uid not in (0, os.geteuid()):
-        return f"{what} is owned by uid {st.st_uid}, not root"
-    mode = st.st_mode
-    if mode & 0o022 and not (sticky_ok and stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
-        return f"{what} is writable by group or others (mode {stat.S_IMODE(mode):04o})"
-    return None
-
-
-def limits(timeout: "float | None", complain: "Callable[[str], None]") -> Limits:
-    """The limits in force: the launcher's `timeout`, overridden by KVMHOOK_* variables.
-
-    An invalid value is reported through `complain` and its default applies.
-    """
-    default = DEFAULT_TIMEOUT
-    if timeout is not None:
-        if _valid(timeout, positive=True):
-            default = float(timeout)
-        else:
-            complain(f"timeoutSeconds={timeout!r} is not a positive number; using {default:g}")
-    return Limits(
-        _env_number("KVMHOOK_TIMEOUT", default, float, complain, positive=True),
-        _env_number("KVMHOOK_TERM_GRACE", DEFAULT_GRACE, float, complain, positive=False),
-        int(_env_number("KVMHOOK_MAX_OUTPUT", DEFAULT_MAX_OUTPUT, int, complain, positive=False)),
-    )
-
-
-def _env_number(
-    name: str, default: float, kind: type, complain: "Callable[[str], None]", positive: bool
-) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or not _valid(value, positive):
-        need = "a positive number" if positive else "a number, 0 or more"
-        complain(f"{name}={raw!r} is not {need}; using {default:g}")
-        return default
-    return value
-
-
-def _valid(value: object, positive: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    # value == value rules out NaN, and the bound infinity: a hook must end.
-    return value == value and (value > 0 if positive else value >= 0) and value != float("inf")
 
 
 def run_hook(
     event: Event,
     log: HookLog,
-    timeout: "float | None",
+    settings: "Limits",
     stdin_fd: "int | None",
     abort: bool = False,
 ) -> Chain:
@@ -393,11 +96,10 @@ def run_hook(
     run, stops the chain and the result carries a veto.
     """
     chain = Chain()
-    settings = limits(timeout, lambda message: log.record("-", f"config: {message}"))
     directory = paths.custom_dir()
     try:
         scripts, ignored = discover(directory, event.operation, event.domain)
-    except _custom_dir_error() as error:  # evaluated only when something was raised
+    except custom_dir_error() as error:  # evaluated only when something was raised
         log.record("-", f"no scripts run: {error}")
         return chain
     for item in ignored:
@@ -417,7 +119,7 @@ def _run_scripts(
     chain: Chain,
     scripts: list[Script],
     event: Event,
-    settings: Limits,
+    settings: "Limits",
     stdin_fd: "int | None",
     log: HookLog,
     abort: bool,
@@ -432,7 +134,7 @@ def _run_scripts(
             "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
         )
         stdin = process.Stdin(None)
-    rewrites = _Rewrites(stdin, log) if event.operation in REWRITABLE else None
+    rewrites = _Rewrites(stdin, log) if BY_NAME[event.operation].rewrites else None
     try:
         for index, script in enumerate(scripts):
             run = _run_one(script, event, stdin, settings, log, rewrites)
@@ -475,7 +177,7 @@ class _Rewrites:
             )
         self._reference: rewrite.Reference | None = None
 
-    def after(self, run: Run, stdin: "process.Stdin", log: HookLog) -> "process.Stdin":
+    def after(self, run: ScriptRun, stdin: "process.Stdin", log: HookLog) -> "process.Stdin":
         """Take `run`'s rewrite, if any; the Stdin the next script reads."""
         from kvmhook import process, rewrite
 
@@ -497,7 +199,7 @@ class _Rewrites:
         stdin.close()
         return process.Stdin.holding(data)
 
-    def _taken(self, run: Run) -> "bytes | None":
+    def _taken(self, run: ScriptRun) -> "bytes | None":
         """`run`'s rewrite (None: none): the file at $KVMHOOK_XML_OUT, or what the
         previous hook printed. Sets `run.bad_rewrite` when it cannot be taken whole."""
         from kvmhook import rewrite
@@ -584,17 +286,14 @@ def _run_one(
     script: Script,
     event: Event,
     stdin: "process.Stdin",
-    settings: Limits,
+    settings: "Limits",
     log: HookLog,
     rewrites: "_Rewrites | None",
-) -> Run:
+) -> ScriptRun:
     from kvmhook import process
 
     argv = [script.path, *event.argv]
-    log.record(
-        script.name,
-        f"start: {' '.join(quote(arg) for arg in argv)} (timeout {settings.timeout:g}s)",
-    )
+    log.record(script.name, start_text(argv, settings.timeout))
     xml_out = _stdout_is_xml(script, rewrites)
     cap = settings.max_output
     if xml_out:
@@ -612,12 +311,12 @@ def _run_one(
             None if rewrites is None else rewrites.variables,
         )
     except OSError as error:
-        log.record(script.name, f"end: cannot execute: {_exec_problem(error, script.path)}")
-        return Run(script, None, error)
+        log.record(script.name, end_text(f"cannot execute: {_exec_problem(error, script.path)}"))
+        return ScriptRun(script, None, error)
     finally:
         os.close(fd)
     log.block(script.name, _end_records(outcome, settings, xml_out))
-    return Run(script, outcome, None)
+    return ScriptRun(script, outcome, None)
 
 
 def _exec_problem(error: OSError, path: str) -> str:
@@ -632,7 +331,7 @@ def _exec_problem(error: OSError, path: str) -> str:
     return problem
 
 
-def _end_records(outcome: "process.Outcome", settings: Limits, xml_out: bool) -> "Iterator[str]":
+def _end_records(outcome: "process.Outcome", settings: "Limits", xml_out: bool) -> "Iterator[str]":
     """The records of a script's end; with `xml_out`, its stdout is the domain XML, which
     holds secrets: only its size is logged."""
     if xml_out:
@@ -647,7 +346,5 @@ def _end_records(outcome: "process.Outcome", settings: Limits, xml_out: bool) ->
             f"output: {outcome.dropped} more bytes dropped "
             f"(KVMHOOK_MAX_OUTPUT={settings.max_output})"
         )
-    how = outcome.ending
-    if outcome.timed_out:
-        how = f"timed out after {settings.timeout:g}s, process group stopped; {how}"
-    yield f"end: {how} after {outcome.duration:.3f}s"
+    timed_out_after = settings.timeout if outcome.timed_out else None
+    yield end_text(outcome.ending, outcome.duration, timed_out_after)

@@ -1,11 +1,20 @@
-"""kvmhook.conf as the hook sees it: read once, parsed only when a setting may be on.
+"""The hook's settings: each custom script's limits, and kvmhook.conf as the hook sees it.
 
+The limits are resolved once, at the top of each entry point (the hook's
+main, `kvmhook hooks run`), and passed down: the launcher's `timeoutSeconds`,
+then KVMHOOK_TIMEOUT, KVMHOOK_TERM_GRACE and KVMHOOK_MAX_OUTPUT over it. The
+hook gets `timeoutSeconds` from the launcher that imports it; `kvmhook hooks
+run` reads it from the installed launcher's text, never running it.
+
+kvmhook.conf is read once and parsed only when a setting may be on:
 configparser costs about 10 ms to import, paid on every guest start if the
 hook parsed the file each time. Most hosts have no file, or one that turns
 nothing on for the hook, so the hook first looks at the raw lines and parses
 (with `config`, the one place that knows the format) only when one of its own
 settings is there with a value other than its default.
 """
+
+import os
 
 from kvmhook import paths
 
@@ -14,6 +23,8 @@ MAX_SIZE = 1024 * 1024
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kvmhook.config import Config
 
 
@@ -67,3 +78,127 @@ def read() -> "HookConf | None":
         return HookConf(path, readfile.read(path, MAX_SIZE))
     except FileNotFoundError:
         return None
+
+
+# The hook's limits on each custom script, where neither the launcher's
+# `timeoutSeconds` nor a KVMHOOK_* variable says otherwise.
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_GRACE = 5.0
+DEFAULT_MAX_OUTPUT = 1024 * 1024
+# The launcher is a page of text: anything bigger is not the file the packages installed.
+LAUNCHER_MAX = 64 * 1024
+
+
+class Limits:
+    """Each custom script's limits: seconds it may run, seconds from SIGTERM to SIGKILL,
+    and output bytes kept. `timeout_from` says which setting chose the timeout:
+    `KVMHOOK_TIMEOUT`, `timeoutSeconds` (the launcher's) or `default`."""
+
+    __slots__ = ("grace", "max_output", "timeout", "timeout_from")
+
+    def __init__(self, timeout: float, grace: float, max_output: int, timeout_from: str) -> None:
+        self.timeout = timeout
+        self.grace = grace
+        self.max_output = max_output
+        self.timeout_from = timeout_from
+
+
+def limits(timeout: "float | None", complain: "Callable[[str], None]") -> Limits:
+    """The limits in force: the launcher's `timeout`, overridden by KVMHOOK_* variables.
+
+    An invalid value is reported through `complain` and the one below it applies.
+    """
+    default, source = DEFAULT_TIMEOUT, "default"
+    if timeout is not None:
+        if _valid(timeout, positive=True):
+            default, source = float(timeout), "timeoutSeconds"
+        else:
+            complain(f"timeoutSeconds={timeout!r} is not a positive number; using {default:g}")
+    chosen = _env_number("KVMHOOK_TIMEOUT", float, complain, default, positive=True)
+    grace = _env_number("KVMHOOK_TERM_GRACE", float, complain, DEFAULT_GRACE, positive=False)
+    output = _env_number("KVMHOOK_MAX_OUTPUT", int, complain, DEFAULT_MAX_OUTPUT, positive=False)
+    return Limits(
+        default if chosen is None else chosen,
+        DEFAULT_GRACE if grace is None else grace,
+        DEFAULT_MAX_OUTPUT if output is None else int(output),
+        source if chosen is None else "KVMHOOK_TIMEOUT",
+    )
+
+
+def _env_number(
+    name: str, kind: type, complain: "Callable[[str], None]", default: float, positive: bool
+) -> "float | None":
+    """The variable `name` as a `kind`; None when it is unset, or invalid (said to
+    `complain`, naming the `default` that then applies)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not _valid(value, positive):
+        need = "a positive number" if positive else "a number, 0 or more"
+        complain(f"{name}={raw!r} is not {need}; using {default:g}")
+        return None
+    return value
+
+
+def _valid(value: object, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # value == value rules out NaN, and the bound infinity: a hook must end.
+    return value == value and (value > 0 if positive else value >= 0) and value != float("inf")
+
+
+def launcher_timeout(path: str, complain: "Callable[[str], None]") -> "float | None":
+    """The `timeoutSeconds` of the installed launcher at `path`, read as text: never run.
+
+    Its value must be a decimal number or a product of them (`600`, `10 * 60`,
+    `1.5`), as the admin guide has operators write it. None when there is no
+    launcher, and, after a word to `complain`, when it cannot be read (a FIFO
+    or a huge file is refused, never waited on), has no such line or holds
+    anything else: the default applies, as in the hook.
+    """
+    from kvmhook import readfile
+
+    try:
+        text = readfile.read(path, LAUNCHER_MAX).decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        why = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        complain(f"cannot read {path}: {why}; using {DEFAULT_TIMEOUT:g}")
+        return None
+    raw = _assigned(text, "timeoutSeconds")
+    if raw is None:
+        complain(f"{path} sets no timeoutSeconds; using {DEFAULT_TIMEOUT:g}")
+        return None
+    value = _product(raw)
+    if value is None:
+        shown = raw if len(raw) <= 60 else raw[:60] + "..."
+        complain(
+            f"{path}: timeoutSeconds = {shown!r} is not a number or a product of numbers; "
+            f"using {DEFAULT_TIMEOUT:g}"
+        )
+    return value
+
+
+def _assigned(text: str, name: str) -> "str | None":
+    """What the last top-level `name = ...` line of `text` assigns, comment removed."""
+    for line in reversed(text.splitlines()):
+        target, equals, value = line.partition("=")
+        if equals and target.rstrip() == name and not value.startswith("="):
+            return value.partition("#")[0].strip()
+    return None
+
+
+def _product(text: str) -> "float | None":
+    """`600`, `10 * 60`, `1.5` as a number; None for anything else."""
+    product = 1.0
+    for factor in text.split("*"):
+        digits = factor.strip()
+        if not (digits.isascii() and digits.replace(".", "", 1).isdigit()):
+            return None
+        product *= float(digits)
+    return product

@@ -28,6 +28,11 @@ def log_file() -> str:
     return os.environ.get("KVMHOOK_LOG_FILE") or under_root("/var/log/libvirt/qemu-hook.log")
 
 
+def hook_launcher() -> str:
+    """The qemu hook libvirtd runs, as installed: its `timeoutSeconds` line is the operator's."""
+    return under_root("/etc/libvirt/hooks/qemu")
+
+
 def libvirtd_conf() -> str:
     """libvirtd's configuration; its presence means this host runs libvirtd."""
     return under_root("/etc/libvirt/libvirtd.conf")

@@ -15,14 +15,15 @@ guest start.
 import os
 import sys
 
-from kvmhook import dispatch, paths
+from kvmhook import dispatch, hookconf, paths
 from kvmhook.hooklog import HookLog, say
+from kvmhook.operations import BY_NAME, Event
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from kvmhook.hookconf import HookConf
+    from kvmhook.hookconf import HookConf, Limits
 
 
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
@@ -35,22 +36,19 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
     when a custom script fails (see dispatch.run_hook).
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
-    may run. KVMHOOK_TIMEOUT overrides it.
+    may run. KVMHOOK_TIMEOUT overrides it (see hookconf.limits).
     """
     _open_std_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     log = HookLog(paths.log_file(), *_context(args))
     try:
-        return _run(args, timeout, log)
+        settings = hookconf.limits(timeout, lambda problem: log.record("-", f"config: {problem}"))
+        return _run(args, settings, log)
     except Exception as error:  # a bug here must not block a guest: report it and let it start
         _report_bug(error, log)
         return 0
     finally:
         log.close()
-
-
-# The operations by which a guest arrives on this host.
-_ARRIVALS = ("prepare", "migrate")
 
 
 def _open_std_fds() -> None:
@@ -76,28 +74,27 @@ def _context(args: list[str]) -> tuple[str, str, str]:
     return padded[0], padded[1], padded[2]
 
 
-def _run(args: list[str], timeout: "float | None", log: HookLog) -> int:
+def _run(args: list[str], settings: "Limits", log: HookLog) -> int:
     if len(args) != 4:
         log.record("-", f"wrong number of arguments ({len(args)}, expected 4): {_shown(args)}")
         return 0
-    event = dispatch.Event(*args)
-    if event.operation not in dispatch.OPERATIONS:
+    event = Event(*args)
+    operation = BY_NAME.get(event.operation)
+    if operation is None:
         log.record("-", f"unknown operation {event.operation!r}, no scripts run: {_shown(args)}")
         return 0
-    if event.operation in _ARRIVALS and _refused_for_maintenance(log):
+    if operation.arrival and _refused_for_maintenance(log):
         return 1
     stdin_fd = None if os.isatty(0) else 0  # by hand at a terminal: no XML to wait for
     # kvmhook.conf is opt-in: a host without one pays a failed open, and only here.
-    conf = _conf(log) if event.operation in dispatch.ABORTABLE else None
+    conf = _conf(log) if operation.may_abort else None
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
-        return _admit(event, conf, log, timeout, stdin_fd, abort)
-    return _finish(dispatch.run_hook(event, log, timeout, stdin_fd, abort))
+        return _admit(event, conf, log, settings, stdin_fd, abort)
+    return _finish(dispatch.run_hook(event, log, settings, stdin_fd, abort))
 
 
 def _conf(log: HookLog) -> "HookConf | None":
-    from kvmhook import hookconf
-
     try:
         return hookconf.read()
     except OSError as error:
@@ -130,21 +127,17 @@ def _finish(chain: dispatch.Chain) -> int:
         say("\n".join(chain.veto))
         return 1
     if chain.xml is not None:
-        _print_xml(chain.xml)
+        from kvmhook.process import write_all  # loaded already: a rewrite means scripts ran
+
+        write_all(1, chain.xml)
     return 0
 
 
-def _print_xml(data: bytes) -> None:
-    from kvmhook import process  # loaded already: a rewrite means scripts ran
-
-    process.write_all(1, data)
-
-
 def _admit(
-    event: dispatch.Event,
+    event: Event,
     conf: "HookConf",
     log: HookLog,
-    timeout: "float | None",
+    settings: "Limits",
     stdin_fd: "int | None",
     abort: bool,
 ) -> int:
@@ -158,7 +151,7 @@ def _admit(
             log.record("-", f"refused: {outcome.refusal}; no scripts run")
             say(outcome.refusal)
             return 1
-        return _finish(dispatch.run_hook(event, log, timeout, outcome.stdin_fd, abort))
+        return _finish(dispatch.run_hook(event, log, settings, outcome.stdin_fd, abort))
     finally:
         outcome.close()
 

@@ -7,7 +7,6 @@ must be a regular file, and is read up to a limit; anything else is refused
 with the reason in words, and the caller falls back to its default.
 """
 
-import errno
 import os
 import stat
 
@@ -44,6 +43,8 @@ def read(path: str, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):  # said as open() would say it
+            import errno  # only now: the hook pays for each import on every guest start
+
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if not stat.S_ISREG(st.st_mode):
             raise RefusedFile(path, "not a regular file")

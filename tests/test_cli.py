@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,7 @@ def test_list_honours_custom_dir_override(host, tmp_path):
     assert result.exit_code == 0
     assert result.output.splitlines() == [
         f"run      {other / 'all_other'}",
+        "timeout: 600s for each script (default)",
         f"on failure: ignore for start (default, no {host.root}/etc/kvmhook/kvmhook.conf)",
     ]
 
@@ -132,6 +134,7 @@ def test_list_honours_kvmhook_root(host, tmp_path):
     result = invoke(host, "list", "start", KVMHOOK_ROOT=str(elsewhere))
     assert result.output.splitlines() == [
         f"run      {custom / 'all_there'}",
+        "timeout: 600s for each script (default)",
         f"on failure: ignore for start (default, no {elsewhere}/etc/kvmhook/kvmhook.conf)",
     ]
 
@@ -220,6 +223,71 @@ def test_run_honours_custom_dir_and_log_file_overrides(host, tmp_path):
     assert "script=all_other end: exit 0" in log.read_text()
 
 
+# --- the timeout in force: the installed launcher's, then KVMHOOK_TIMEOUT -------------
+
+
+def test_run_stops_a_script_at_the_installed_launchers_timeout(host):
+    """With `timeoutSeconds = 1` in the installed launcher, `hooks run` stops a `sleep 30`
+    script after about 1 s, as the hook would, and exits 1 naming it."""
+    host.launcher("1")
+    host.script("all_slow", "sleep 30\n")
+    began = time.monotonic()
+    result = invoke(host, "run", "vm1", "start", KVMHOOK_TERM_GRACE="0.2")
+    elapsed = time.monotonic() - began
+    assert result.exit_code == 1
+    assert "1 of 1 scripts failed: all_slow" in result.output
+    assert 0.9 < elapsed < 10
+    records = host.records()
+    assert records[0].endswith("(timeout 1s)")
+    assert "end: timed out after 1s, process group stopped;" in records[-1]
+
+
+def test_run_timeout_variable_overrides_the_launcher(host):
+    """KVMHOOK_TIMEOUT overrides the launcher's timeoutSeconds for `hooks run`, as for the hook."""
+    host.launcher("1")
+    host.script("all_x", "true\n")
+    result = invoke(host, "run", "vm1", "start", KVMHOOK_TIMEOUT="42")
+    assert result.exit_code == 0, result.output
+    assert host.records()[0].endswith("(timeout 42s)")
+
+
+def test_list_shows_the_timeout_in_force_and_where_it_comes_from(host):
+    """`hooks list` shows the launcher's timeoutSeconds, or KVMHOOK_TIMEOUT over it."""
+    launcher = host.launcher("10 * 6")
+    host.script("all_x", "true\n")
+    lines = invoke(host, "list", "start").output.splitlines()
+    assert f"timeout: 60s for each script (timeoutSeconds in {launcher})" in lines
+    lines = invoke(host, "list", "start", KVMHOOK_TIMEOUT="2.5").output.splitlines()
+    assert "timeout: 2.5s for each script (KVMHOOK_TIMEOUT)" in lines
+
+
+def test_a_launcher_timeout_that_is_not_a_number_warns_and_600_applies(host):
+    """A timeoutSeconds that is not a number or a product of numbers is never evaluated: list
+    and run warn and use 600 s."""
+    launcher = host.launcher("__import__('os').getpid()")
+    host.script("all_x", "true\n")
+    listing = invoke(host, "list", "start")
+    assert listing.exit_code == 0
+    assert "timeout: 600s for each script (default)" in listing.output.splitlines()
+    assert f"warning: {launcher}: timeoutSeconds = " in listing.output
+    assert "is not a number or a product of numbers; using 600" in listing.output
+    result = invoke(host, "run", "vm1", "start")
+    assert result.exit_code == 0, result.output
+    records = host.records()
+    assert "config: " in records[0] and "is not a number or a product" in records[0]
+    assert records[1].endswith("(timeout 600s)")
+
+
+def test_a_launcher_that_is_a_fifo_warns_and_never_hangs(host):
+    """A FIFO in the launcher's place is refused without waiting for a writer: 600 s applies."""
+    launcher = host.root / "etc/libvirt/hooks/qemu"
+    os.mkfifo(launcher)
+    result = invoke(host, "list", "start")
+    assert result.exit_code == 0
+    assert f"warning: cannot read {launcher}: not a regular file; using 600" in result.output
+    assert "timeout: 600s for each script (default)" in result.output.splitlines()
+
+
 # --- the real console script -----------------------------------------------------------
 
 
@@ -270,5 +338,6 @@ def test_real_command_failure_exit_1_and_list(host, tmp_path):
     assert listing.returncode == 0
     assert listing.stdout.decode().splitlines() == [
         f"run      {other / 'all_fail'}",
+        "timeout: 600s for each script (default)",
         "on failure: ignore for stopped (stopped can never abort)",
     ]

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from sandbox import field
 
-from kvmhook import dispatch
+from kvmhook import discovery
 from kvmhook.cli import main
 
 
@@ -124,7 +124,7 @@ def test_path_trick_names_run_nothing_from_subdirs(host, domain):
     recorder(host, "all_up", host.custom.parent)
     hook(host, domain)
     assert ran(host) == ["all_global"]
-    assert dispatch.discover(str(host.custom), "start", domain)[0][0].name == "all_global"
+    assert discovery.discover(str(host.custom), "start", domain)[0][0].name == "all_global"
 
 
 def test_symlinked_guest_dir_to_safe_place_runs(host):

@@ -5,16 +5,19 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
-from kvmhook import config, dispatch, paths
+from kvmhook import config, dispatch, hookconf, paths
 from kvmhook.cli.options import with_exit_codes
+from kvmhook.discovery import discover
 from kvmhook.errors import ConfigError, CustomDirError
 from kvmhook.hooklog import HookLog
+from kvmhook.operations import BY_NAME, OPERATIONS, Event
 
 _operation_argument = click.argument(
-    "operation", type=click.Choice(dispatch.OPERATIONS), metavar="OPERATION"
+    "operation", type=click.Choice(OPERATIONS), metavar="OPERATION"
 )
 
 
@@ -35,12 +38,13 @@ def hooks() -> None:
 )
 def list_(operation: str, domain: str | None) -> None:
     """Show, in order, the scripts that would run for OPERATION, and every file
-    that would not, with the reason (like run-parts --test), and what a
-    failing script does under kvmhook.conf's [hooks] policy."""
+    that would not, with the reason (like run-parts --test), what a failing
+    script does under kvmhook.conf's [hooks] policy, and how long each may run."""
     _warn_qemu_d()
+    settings = _limits(lambda problem: click.echo(f"warning: {problem}", err=True))
     directory = paths.custom_dir()
     try:
-        scripts, ignored = dispatch.discover(directory, operation, domain)
+        scripts, ignored = discover(directory, operation, domain)
     except CustomDirError as error:
         click.echo(f"nothing runs: {error}")
         return
@@ -51,6 +55,7 @@ def list_(operation: str, domain: str | None) -> None:
     if not scripts:
         click.echo(f"no scripts run for {operation} in {directory}")
     policy = "abort" if _aborts(operation) else "ignore"
+    click.echo(f"timeout: {settings.timeout:g}s for each script ({_timeout_source(settings)})")
     click.echo(f"on failure: {policy} for {operation} ({_policy_source(operation)})")
 
 
@@ -74,14 +79,16 @@ def list_(operation: str, domain: str | None) -> None:
 def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> None:
     """Run the custom scripts for OBJECT OPERATION [SUBOP] [EXTRA] as the hook
     would, logging to the hook's log and echoing each record on stderr, under
-    kvmhook.conf's [hooks] policy. For migrate and restore, a rewritten domain
+    kvmhook.conf's [hooks] policy and the installed hook's timeoutSeconds
+    (KVMHOOK_TIMEOUT overrides it). For migrate and restore, a rewritten domain
     XML is printed on stdout, as the hook gives it to libvirt.
     Exits 1 if a script failed, timed out or could not start."""
-    event = dispatch.Event(domain, operation, subop, extra)
+    event = Event(domain, operation, subop, extra)
     abort = _aborts(operation)
     log = HookLog(paths.log_file(), domain, operation, subop, echo=sys.stderr)
     try:
-        chain = dispatch.run_hook(event, log, None, xml.fileno() if xml else None, abort)
+        settings = _limits(lambda problem: log.record("-", f"config: {problem}"))
+        chain = dispatch.run_hook(event, log, settings, xml.fileno() if xml else None, abort)
     finally:
         log.close()
     if chain.xml is not None:
@@ -107,9 +114,22 @@ def _aborts(operation: str) -> bool:
 
 def _policy_source(operation: str) -> str:
     path = paths.kvmhook_conf()
-    if operation not in dispatch.ABORTABLE:
+    if not BY_NAME[operation].may_abort:
         return f"{operation} can never abort"
     return f"[hooks] in {path}" if os.path.exists(path) else f"default, no {path}"
+
+
+def _limits(complain: Callable[[str], None]) -> hookconf.Limits:
+    """The limits the hook would apply: the installed launcher's timeoutSeconds, read as
+    text, then the KVMHOOK_* variables; what is wrong with either goes to `complain`."""
+    launcher = hookconf.launcher_timeout(paths.hook_launcher(), complain)
+    return hookconf.limits(launcher, complain)
+
+
+def _timeout_source(settings: hookconf.Limits) -> str:
+    if settings.timeout_from == "timeoutSeconds":
+        return f"timeoutSeconds in {paths.hook_launcher()}"
+    return settings.timeout_from  # KVMHOOK_TIMEOUT, or default
 
 
 def _warn_qemu_d() -> None:
@@ -138,9 +158,7 @@ def _warn_qemu_d() -> None:
     ),
 )
 @click.option("--domain", metavar="NAME", help="Only runs for guest NAME.")
-@click.option(
-    "--operation", type=click.Choice(dispatch.OPERATIONS), help="Only runs for this operation."
-)
+@click.option("--operation", type=click.Choice(OPERATIONS), help="Only runs for this operation.")
 @click.option(
     "--since",
     metavar="TIME",
