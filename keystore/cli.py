@@ -12,8 +12,18 @@ from typing import Callable
 
 import click
 
-from keystore import certimport, setup, store
-from kvmhook import exitcodes, files, locks, pki
+from keystore import content
+from kvmhook import (
+    agentkeystore,
+    certimport,
+    exitcodes,
+    files,
+    keysetup,
+    locks,
+    pki,
+    startup,
+    virtadmin,
+)
 from kvmhook.cli.options import DAYS, with_exit_codes
 from kvmhook.errors import KeystoreBusyError, KeystoreError, KvmhookError
 
@@ -24,7 +34,7 @@ _SETTINGS = {"help_option_names": ["-h", "--help"], "allow_interspersed_args": F
 
 def _passphrase(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
-        store.check_passphrase(value)
+        agentkeystore.check_passphrase(value)
     except KeystoreError as error:
         raise click.BadParameter(str(error)) from None
     return value
@@ -69,7 +79,7 @@ def setup_command(
     rollback or other keystore tool runs."""
     with locks.certificates(KeystoreBusyError, _waiting("keystore-setup")):
         files.recover([properties_file, keystore_file, csr_file])
-        csr = setup.setup(
+        csr = keysetup.setup(
             properties_file, keystore_file, passphrase, validity_days, csr_file, key_type
         )
     click.echo(csr.decode(), nl=False)
@@ -124,11 +134,11 @@ def import_command(
             properties_file,
             keystore_file,
             cert_file,
-            cert_content,
+            _decoded(cert_content, "certificate"),
             ca_file,
-            ca_content,
+            _decoded(ca_content, "CA certificate"),
             key_file,
-            key_content,
+            _decoded(key_content, "private key"),
         ).install()
     cert = material.chain[0]
     click.echo(
@@ -137,7 +147,30 @@ def import_command(
         err=True,
     )
     if restart:
-        certimport.reload_libvirt_tls()
+        _reload()
+
+
+def _decoded(argument: str, what: str) -> bytes | None:
+    """The PEM a content argument encodes; None when it is empty (the file is used as it is)."""
+    if not argument:
+        return None
+    try:
+        return content.decode(argument)
+    except UnicodeEncodeError:
+        raise KeystoreError(
+            f"{what} content is not ^/~-encoded PEM (non-ASCII characters)"
+        ) from None
+
+
+def _reload() -> None:
+    """Make the daemon serving TLS here load the files just imported, online."""
+    daemon = startup.detect().daemon
+    try:
+        virtadmin.reload_tls(daemon)
+    except KvmhookError as error:
+        raise KeystoreError(
+            f"imported, but {daemon} did not reload its TLS files: {error}"
+        ) from None
 
 
 def setup_main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,12 @@
-"""What `kvmhook cert` reports: each installed certificate set, checked.
+"""The installed certificate sets, checked: what `kvmhook cert status` reports, and what a
+renewal or rollback must find before it changes them.
 
 A set is a certificate with its key and CA bundle: the agent's (beside its
 keystore), libvirt's server and client, QEMU's server and client. Each is
 checked for presence, key match, chain and validity; all copies must hold
-the same certificate and key.
+the same certificate and key. A renewal's new chain must end at a root the
+installed CA bundle holds (check_trusted); a rollback's kept set must hold
+together (check_set).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from kvmhook import paths, pki
+from kvmhook import agentkeystore, agentproperties, paths, pki
 from kvmhook.errors import KvmhookError
 
 DEFAULT_WARN_DAYS = 30
@@ -52,14 +55,8 @@ class Finding:
 
 def certificate_sets(agent_dir: str) -> list[tuple[str, str, str, str]]:
     """(name, cert, key, ca) of every set this host should have."""
-    sets = [
-        (
-            "agent",
-            os.path.join(agent_dir, "cloud.crt"),
-            os.path.join(agent_dir, "cloud.key"),
-            os.path.join(agent_dir, "cloud.ca.crt"),
-        )
-    ]
+    agent = paths.agent_files(agent_dir)
+    sets = [("agent", agent.cert, agent.key, agent.ca)]
     if os.path.exists(paths.libvirtd_conf()):
         tls = paths.tls_files()
         for side in ("libvirt server", "libvirt client", "qemu server", "qemu client"):
@@ -139,27 +136,65 @@ def _key_id(key: pki.PrivateKey) -> str:
     )
 
 
+def _public(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def _check_keystore(agent: Finding, agent_dir: str) -> None:
     """The keystore must hold the same certificate as cloud.crt (when both exist)."""
-    from keystore import properties, store
-
-    keystore = os.path.join(agent_dir, "cloud.jks")
+    files = paths.agent_files(agent_dir)
+    keystore = files.keystore
     agent.files["keystore"] = keystore
     if not os.path.exists(keystore):
         agent.problems.append(f"{keystore}: no keystore")
         return
     try:
-        passphrase = properties.passphrase(
-            properties.read(os.path.join(agent_dir, "agent.properties")) or ""
-        )
+        passphrase = agentproperties.passphrase(agentproperties.read(files.properties) or "")
         if passphrase is None:
             raise pki.PkiError("agent.properties holds no keystore.passphrase")
-        cert = store.load(keystore, passphrase)[1]
+        cert = agentkeystore.load(keystore, passphrase)[1]
     except KvmhookError as error:
         agent.problems.append(str(error))
         return
     if agent.fingerprint and cert.fingerprint(hashes.SHA256()).hex() != agent.fingerprint:
         agent.problems.append(f"{keystore} holds another certificate than cloud.crt")
+
+
+def check_trusted(ca_file: str, chain: list[x509.Certificate]) -> None:
+    """PkiError unless `chain` ends at a root the CA bundle `ca_file` holds (when there is one).
+
+    A certificate from another CA is refused by every peer still trusting
+    this one: migrations to and from this host would stop. Changing CA is a
+    keystore-cert-import of its own, not a renewal.
+    """
+    try:
+        with open(ca_file, "rb") as source:
+            trusted = pki.load_certificates(source.read(), ca_file)
+    except FileNotFoundError:
+        return  # nothing trusted yet: the first certificate sets it
+    except OSError as error:
+        raise pki.PkiError(f"cannot read {ca_file}: {error.strerror}") from None
+    root = chain[-1]
+    if not any(ca.subject == root.subject and _public(ca) == _public(root) for ca in trusted):
+        names = "; ".join(ca.subject.rfc4514_string() for ca in trusted)
+        raise pki.PkiError(
+            f"the new certificate chains to the root {pki.describe(root)}, which this host does"
+            f" not trust ({ca_file} holds {names}): its peers would refuse it"
+        )
+
+
+def check_set(cert_file: str, key_file: str, ca_file: str, what: str) -> x509.Certificate:
+    """The set's certificate, after the checks keystore-cert-import makes: PkiError when its
+    key does not match, its chain does not verify or it is not valid now."""
+    cert = pki.load_certificates(_read(cert_file), cert_file)[0]
+    key = pki.load_private_key(_read(key_file), key_file)
+    if not pki.key_matches(key, cert):
+        raise pki.PkiError(f"{key_file} does not match {cert_file}")
+    pki.chain(cert, pki.load_certificates(_read(ca_file), ca_file))
+    pki.check_validity(cert, what)
+    return cert
 
 
 def _read(path: str) -> bytes:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import requests
 from cs import CloudStack, CloudStackApiException, CloudStackException
 
-from kvmhook import config, limits, paths
+from kvmhook import config, hostname, limits, paths
 from kvmhook.errors import ControllerError, ControllerUnreachable
 
 SECTION = "controller"
@@ -295,7 +295,7 @@ def _settings(path: str, text: str) -> dict[str, Any]:
         "endpoints": endpoints,
         "api_key": _required(path, section, "api_key"),
         "secret": _required(path, section, "secret"),
-        "host": section.get("host") or _fqdn(),
+        "host": section.get("host") or hostname.fqdn(),
         "verify": verify,
         "timeout": _timeout(path, section.get("timeout")),
     }
@@ -315,7 +315,7 @@ def _endpoints(path: str, value: str) -> list[str]:
 def _verify(value: str | None) -> str | bool:
     """False, or the CA file (host path) that signed the controller's certificate."""
     if not value:
-        return os.path.join(paths.agent_dir(), "cloud.ca.crt")
+        return paths.agent_files().ca
     if value.lower() == "false":
         return False
     return paths.under_root(value)
@@ -350,10 +350,3 @@ def _timeout(path: str, value: str | None) -> int:
             f"{path}: timeout = is not a whole number of seconds from 1 to {limits.MAX_SECONDS}"
         )
     return seconds
-
-
-def _fqdn() -> str:
-    # Imported here: keystore.setup pulls in cryptography and psutil, needed only without host =.
-    from keystore.setup import fqdn
-
-    return fqdn()

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 
+from kvmhook.errors import TlsError
+
+CODEC = ("utf-8", "surrogateescape")  # whatever bytes a file holds are written back as they were
 _ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 _COMMENTED = re.compile(r"^\s*#\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
 
@@ -49,14 +52,6 @@ class ConfFile:
         self.lines.insert(self._after_default(key), wanted)
         return True
 
-    def unset(self, key: str) -> bool:
-        """Comment out every active `key = ...` (libvirt's default applies); True if any."""
-        active = list(self._active(key))
-        for index in reversed(active):
-            for line in range(index, _end(self.lines, index) + 1):
-                self.lines[line] = "#" + self.lines[line]
-        return bool(active)
-
     def _active(self, key: str) -> list[int]:
         found = []
         index = 0
@@ -78,6 +73,24 @@ class ConfFile:
 def quote(text: str) -> str:
     """A string value as libvirt's parser reads it."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unquote(value: str) -> str:
+    """A value as written (quote() undone; numbers as they are)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+def read(path: str) -> str:
+    """A configuration file's text (CODEC); TlsError naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as source:
+            return source.read().decode(*CODEC)
+    except FileNotFoundError:
+        raise TlsError(f"{path} does not exist") from None
+    except OSError as error:
+        raise TlsError(f"cannot read {path}: {error.strerror}") from None
 
 
 def _value(lines: list[str], index: int) -> str:

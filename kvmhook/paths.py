@@ -63,6 +63,25 @@ def agent_dir() -> str:
     return under_root("/etc/cloudstack/agent")
 
 
+class AgentFiles:
+    """The files of the agent's directory, by the names the agent and the controller give them."""
+
+    __slots__ = ("ca", "cert", "directory", "key", "keystore", "properties")
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.properties = os.path.join(directory, "agent.properties")  # keystore.passphrase=
+        self.keystore = os.path.join(directory, "cloud.jks")  # PKCS#12 whatever its name
+        self.cert = os.path.join(directory, "cloud.crt")
+        self.key = os.path.join(directory, "cloud.key")
+        self.ca = os.path.join(directory, "cloud.ca.crt")
+
+
+def agent_files(directory: "str | None" = None) -> AgentFiles:
+    """The agent's files in `directory` (an --agent-dir), else in agent_dir()."""
+    return AgentFiles(directory or agent_dir())
+
+
 def on_host(path: str) -> str:
     """`path` (under the root prefix) as the host itself names it: the prefix taken off.
 

@@ -234,6 +234,11 @@ def describe(cert: x509.Certificate) -> str:
     return f"'{cert.subject.rfc4514_string()}'"
 
 
+def serial(cert: x509.Certificate) -> str:
+    """A certificate's serial number as openssl prints it (hexadecimal), for messages."""
+    return format(cert.serial_number, "X")
+
+
 def not_before(cert: x509.Certificate) -> datetime.datetime:
     """Start of validity, naive UTC, without the deprecation warning of cryptography >= 42."""
     aware = getattr(cert, "not_valid_before_utc", None)

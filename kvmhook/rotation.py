@@ -22,7 +22,10 @@ A renewal (`renew`) is the controller's flow run by the agent itself:
 set is whole and valid) through the same steps 5 to 7.
 
 One lock (kvmhook.locks.certificates) serializes renewals, rollbacks and the
-keystore tools: a second one waits for the first.
+keystore tools: a second one waits for the first. The signer comes from
+kvmhook.signers, the reload and its proof from kvmhook.serving, the checks of
+the sets from kvmhook.certificates. renew and rollback return what they did;
+`kvmhook cert` words it.
 """
 
 from __future__ import annotations
@@ -32,80 +35,84 @@ import datetime
 import os
 import secrets
 import signal
-import stat
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Callable
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from keystore import certimport, content, properties, setup, store
-from kvmhook import locks, paths, pki, process, startup, tls
+from kvmhook import (
+    agentkeystore,
+    agentproperties,
+    certificates,
+    certimport,
+    keysetup,
+    locks,
+    paths,
+    pki,
+    snapshot,
+)
 from kvmhook.errors import (
-    CannotReloadOnlineError,
     ControllerError,
     KeystoreError,
     KvmhookError,
-    ReloadError,
     RenewalBusyError,
     RollbackFailedError,
     RolledBackError,
     RotationError,
 )
 from kvmhook.files import Transaction
+from kvmhook.serving import Served, ServingPlan
+from kvmhook.signers import Signer
 
-SIGNER_TIMEOUT = 120.0
 # CloudStack's default ca.framework.cert.expiry.alert.period, in days.
 DEFAULT_WITHIN_DAYS = 15
-# A restarted daemon needs a moment before it listens again; a reloaded one does not.
-_RESTART_LISTEN_WAIT = 60.0
 # Beside each file a renewal replaces: its previous content, for one rollback step.
 PREVIOUS = ".prev"
 
 Say = Callable[[str], None]
 
 
-class Signer:
-    """Who signs the CSR; `sign(csr)` returns the certificate, then the CA certificate(s), PEM."""
+class NotDue:
+    """The certificate expires later than `days` from now: nothing was done."""
 
-    def __init__(self, description: str, sign: Callable[[bytes], bytes]) -> None:
-        self.description = description
-        self.sign = sign
-
-
-def command_signer(command: str) -> Signer:
-    """A shell command reading the CSR on stdin and printing the certificate, then the CA(s)."""
-    return Signer(f"the signer `{command}`", lambda csr: _run_signer(command, csr))
+    def __init__(self, current: x509.Certificate, days: int) -> None:
+        self.current = current
+        self.days = days
 
 
-def controller_signer() -> Signer:
-    """The controller's CA, through issueCertificate; RotationError when none is configured."""
-    from kvmhook import controller
+class DryRun:
+    """What the renewal would do: have `signer` sign, replace `targets` (each beside its
+    PREVIOUS copy), then serve them as `plan` says. Nothing was signed or changed."""
 
-    client = controller.load()
-    if client is None:
-        raise RotationError(
-            f"no controller is configured ({paths.controller_conf()} does not exist):"
-            " give --signer CMD instead"
-        )
-
-    def sign(csr: bytes) -> bytes:
-        certificate, cas = client.issue_certificate(csr.decode("ascii"))
-        return f"{certificate.strip()}\n{cas.strip()}\n".encode()
-
-    return Signer("the controller (issueCertificate)", sign)
+    def __init__(
+        self, current: x509.Certificate | None, signer: str, targets: list[str], plan: ServingPlan
+    ) -> None:
+        self.current = current
+        self.signer = signer
+        self.targets = targets
+        self.plan = plan
 
 
-def default_signer() -> Signer:
-    """The controller when one is configured; else a RotationError asking for --signer."""
-    if not os.path.exists(paths.controller_conf()):
-        raise RotationError(
-            "nobody to sign the new certificate: give --signer CMD, or configure the"
-            f" controller in {paths.controller_conf()} (--controller)"
-        )
-    return controller_signer()
+class Renewed:
+    """The new set is installed and `served`; the one it replaced (`previous`, the certificate
+    or None) is kept as the PREVIOUS set."""
+
+    def __init__(
+        self, previous: x509.Certificate | None, new: x509.Certificate, served: Served
+    ) -> None:
+        self.previous = previous
+        self.new = new
+        self.served = served
+
+
+class RolledBack:
+    """The PREVIOUS set (its certificate `cert`) is installed and `served`; the set rolled
+    back from is now the PREVIOUS set."""
+
+    def __init__(self, cert: x509.Certificate, served: Served) -> None:
+        self.cert = cert
+        self.served = served
 
 
 def alert_period(say: Say) -> int:
@@ -124,7 +131,7 @@ def alert_period(say: Say) -> int:
 
 
 def renew(
-    agent_dir: str,
+    agent_dir: str | None,
     signer: Callable[[], Signer],
     within_days: int | Callable[[], int] | None = None,
     reload: bool = True,
@@ -133,8 +140,9 @@ def renew(
     validity_days: int = 365,
     key_type: str = "rsa",
     say: Say = lambda line: None,
-) -> str:
-    """Renew the agent's key and certificate (see the module's steps); the line to report.
+) -> NotDue | DryRun | Renewed:
+    """Renew the key and certificate of the agent in `agent_dir` (None: the default; see the
+    module's steps); what was done.
 
     `signer` is called only when a renewal is due; `within_days` (or the
     function giving it, called under the lock) makes a certificate expiring
@@ -142,120 +150,83 @@ def renew(
     set was installed and taken back, RollbackFailedError when taking it
     back failed too; any other KvmhookError: nothing changed.
     """
+    agent = paths.agent_files(agent_dir)
     with locks.certificates(RenewalBusyError, say):
-        current = _current(agent_dir)
+        current = _current(agent.cert)
         if within_days is not None:
             days = within_days if isinstance(within_days, int) else within_days()
             if current is not None and pki.not_after(current) - pki.utcnow() > datetime.timedelta(
                 days=days
             ):
-                return f"not due: {_describe(current)}; renewal starts {days} days before"
-        serving = _Serving.prepare(reload, allow_restart)
+                return NotDue(current, days)
+        plan = ServingPlan.prepare(reload, allow_restart)
         chosen = signer()
         if dry_run:
-            targets = _targets(agent_dir)
-            return "\n".join(
-                [
-                    f"dry run: would renew {_describe(current) if current else 'a missing cert'}",
-                    f"  new key and CSR, signed by {chosen.description}",
-                    f"  then replace, each beside its {PREVIOUS} copy: {', '.join(targets)}",
-                    f"  then {serving.plan()}",
-                ]
-            )
-        installation = _new_set(agent_dir, chosen, validity_days, key_type)
+            return DryRun(current, chosen.description, _targets(agent), plan)
+        installation = _new_set(agent, chosen, validity_days, key_type)
         new = installation.material.chain[0]
-        _check_trusted(agent_dir, installation.material.chain)
-        paths_ = [path for each in installation.paths for path in (each, each + PREVIOUS)]
+        certificates.check_trusted(agent.ca, installation.material.chain)
+        replaced = [path for each in installation.paths for path in (each, each + PREVIOUS)]
         served = _swap(
-            lambda files: _stage_keeping_previous(files, installation), paths_, new, serving, say
+            lambda files: _stage_keeping_previous(files, installation), replaced, new, plan, say
         )
-        was = f"serial {_serial(current)} -> " if current is not None else ""
-        return (
-            f"renewed: {new.subject.rfc4514_string()}, {was}serial {_serial(new)},"
-            f" valid until {pki.not_after(new)} UTC; {served};"
-            f" the previous set is kept as *{PREVIOUS} (kvmhook cert rollback)"
-        )
+        return Renewed(current, new, served)
 
 
-def rollback(agent_dir: str, allow_restart: bool = False, say: Say = lambda line: None) -> str:
-    """Swap every file of the set with its .prev copy, then reload; the line to report.
+def rollback(
+    agent_dir: str | None, allow_restart: bool = False, say: Say = lambda line: None
+) -> RolledBack:
+    """Swap every file of the set with its .prev copy, then reload; what was done.
 
     Refused, changing nothing, unless every file has a .prev copy and the
     previous certificate matches its key, chains to its CA and is valid now.
     Rolling back again returns to the set rolled back from.
     """
+    agent = paths.agent_files(agent_dir)
     with locks.certificates(RenewalBusyError, say):
-        targets = _targets(agent_dir)
+        targets = _targets(agent)
         missing = [path + PREVIOUS for path in targets if not os.path.exists(path + PREVIOUS)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise RotationError(
                 f"no previous set to roll back to: {missing[0]} does not exist{more}"
             )
-        previous = _check_previous(agent_dir)
-        serving = _Serving.prepare(True, allow_restart)
-        props = os.path.join(agent_dir, "agent.properties")
-        if os.path.exists(props + PREVIOUS):  # a renewal gave it the passphrase
-            targets.append(props)
+        previous = _check_previous(agent)
+        plan = ServingPlan.prepare(True, allow_restart)
+        if os.path.exists(agent.properties + PREVIOUS):  # a renewal gave it the passphrase
+            targets.append(agent.properties)
         swapped = [path for target in targets for path in (target, target + PREVIOUS)]
 
         def stage(files: Transaction) -> None:
             for target in targets:
-                now, before = _File.read(target), _File.read(target + PREVIOUS)
+                now = snapshot.SavedFile.read(target)
+                before = snapshot.SavedFile.read(target + PREVIOUS)
                 before.stage(files, target)
                 now.stage(files, target + PREVIOUS)
 
-        served = _swap(stage, swapped, previous, serving, say)
-        return (
-            f"rolled back to {previous.subject.rfc4514_string()}, serial {_serial(previous)},"
-            f" valid until {pki.not_after(previous)} UTC; {served}; the set rolled back from"
-            f" is now the *{PREVIOUS} set"
-        )
+        return RolledBack(previous, _swap(stage, swapped, previous, plan, say))
 
 
 def _stage_keeping_previous(files: Transaction, installation: certimport.Installation) -> None:
     """The new set, each existing file's content first kept as FILE.prev (mode and group too),
     all in one transaction."""
     for path in installation.paths:
-        current = _File.read(path)
+        current = snapshot.SavedFile.read(path)
         if current.data is not None:
             current.stage(files, path + PREVIOUS)
     installation.stage(files)
 
 
-class _File:
-    """A file's bytes, mode and group, or its absence."""
-
-    def __init__(self, path: str, data: bytes | None, mode: int = 0, gid: int = -1) -> None:
-        self.path = path
-        self.data = data
-        self.mode = mode
-        self.gid = gid
-
-    @classmethod
-    def read(cls, path: str) -> _File:
-        try:
-            with open(path, "rb") as source:
-                info = os.fstat(source.fileno())
-                return cls(path, source.read(), stat.S_IMODE(info.st_mode), info.st_gid)
-        except FileNotFoundError:
-            return cls(path, None)
-
-    def stage(self, files: Transaction, path: str) -> None:
-        assert self.data is not None
-        files.write(path, self.data, self.mode, self.gid)
-
-
 def _swap(
     stage: Callable[[Transaction], None],
-    files_: list[str],
+    changed: list[str],
     cert: x509.Certificate,
-    serving: _Serving,
+    plan: ServingPlan,
     say: Say,
-) -> str:
+) -> Served:
     """Stage and commit the new files, then make the daemon serve `cert`; on failure, every
-    one of `files_` goes back to what it was and the daemon serves the previous set again."""
-    before = [_File.read(path) for path in files_]
+    file of `changed` goes back to what it was and the daemon serves the previous set again."""
+    before = snapshot.take(changed)
     with _signals_deferred():
         try:
             with Transaction() as files:
@@ -263,17 +234,17 @@ def _swap(
         except OSError as error:
             raise RotationError(f"cannot write {error.filename}: {error.strerror}") from None
         try:
-            return serving.serve(cert)
+            return plan.serve(cert)
         except (KvmhookError, OSError) as error:
             failure = _one_line(error)
         say(f"the daemon does not serve the new files ({failure}): putting the previous set back")
         try:
-            _restore(before)
-            if serving.previous is not None:
-                again = serving.serve(serving.previous)
+            snapshot.restore(before)
+            if plan.previous is not None:
+                again = plan.serve(plan.previous).describe()
             else:
-                serving.apply()
-                again = f"{serving.daemon} loaded its previous files again"
+                plan.apply()
+                again = f"{plan.daemon} loaded its previous files again"
         except (KvmhookError, OSError) as error:
             raise RollbackFailedError(
                 f"{failure}; then putting the previous set back failed too: {_one_line(error)};"
@@ -301,124 +272,13 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _restore(before: list[_File]) -> None:
-    """Every file as it was: contents, modes and groups in one transaction, then the absent
-    ones removed."""
-    with Transaction() as files:
-        for saved in before:
-            if saved.data is not None:
-                saved.stage(files, saved.path)
-    for saved in before:
-        if saved.data is None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(saved.path)
-
-
-class _Serving:
-    """How the running daemon comes to serve new files, decided before anything changes."""
-
-    RELOAD, RESTART, NOT_RUNNING, SKIPPED = "reload", "restart", "not running", "skipped"
-
-    def __init__(self, found: startup.Startup, how: str, previous: x509.Certificate | None) -> None:
-        self.found = found
-        self.daemon = found.daemon
-        self.how = how
-        # What the daemon serves now, or None when it serves no TLS: nothing to prove then.
-        self.previous = previous
-
-    @classmethod
-    def prepare(cls, reload: bool, allow_restart: bool) -> _Serving:
-        """CannotReloadOnlineError (nothing changed) when the daemon can neither reload online
-        nor, with `allow_restart`, be restarted."""
-        found = startup.detect()
-        if not reload:
-            return cls(found, cls.SKIPPED, None)
-        if not tls.is_running(found.daemon):
-            return cls(found, cls.NOT_RUNNING, None)
-        how = cls.RELOAD
-        try:
-            tls.check_reloadable(found.daemon)
-        except CannotReloadOnlineError as error:
-            if not allow_restart:
-                raise CannotReloadOnlineError(
-                    f"{error}; run again with --allow-restart to restart {found.daemon} instead"
-                ) from None
-            try:
-                startup.check_restart(found, listen=True)
-            except KvmhookError as restart_error:
-                raise CannotReloadOnlineError(f"{error}; and {restart_error}") from None
-            how = cls.RESTART
-        try:
-            previous = tls.served_certificate(found.conf, verify=False)
-        except (KvmhookError, OSError):
-            previous = None  # not listening on TLS (yet): there is no served certificate to swap
-        return cls(found, how, previous)
-
-    def plan(self) -> str:
-        if self.how == self.SKIPPED:
-            return f"leave {self.daemon} serving its current files (--no-reload)"
-        if self.how == self.NOT_RUNNING:
-            return f"nothing to reload: {self.daemon} is not running"
-        act = (
-            f"virt-admin server-update-tls {self.daemon}"
-            if self.how == self.RELOAD
-            else f"restart {self.daemon} (--allow-restart)"
-        )
-        if self.previous is None:
-            return f"{act}; it serves no TLS now, so no handshake to check"
-        return f"{act}, and check that a TLS handshake presents the new serial"
-
-    def apply(self) -> None:
-        if self.how == self.RELOAD:
-            tls.reload(self.daemon)
-        elif self.how == self.RESTART:
-            startup.restart(self.found, listen=True)
-
-    def serve(self, cert: x509.Certificate) -> str:
-        """Make the daemon load the files, then prove it presents `cert`; what happened."""
-        if self.how == self.SKIPPED:
-            return (
-                f"{self.daemon} not reloaded (--no-reload): it serves the new certificate after"
-                f" `virt-admin server-update-tls {self.daemon}`"
-            )
-        if self.how == self.NOT_RUNNING:
-            return f"{self.daemon} is not running: it loads the new files when it starts"
-        self.apply()
-        done = "reloaded its TLS files (no restart)" if self.how == self.RELOAD else "restarted"
-        if self.previous is None:
-            return f"{self.daemon} {done}; it serves no TLS, so no handshake was checked"
-        served = self._served()
-        if served.serial_number != cert.serial_number:
-            raise ReloadError(
-                f"{self.daemon} still presents serial {_serial(served)}, not {_serial(cert)}"
-            )
-        address, port, _ = tls.endpoint(self.found.conf)
-        return f"{self.daemon} {done}; {address}:{port} presents serial {_serial(cert)}"
-
-    def _served(self) -> x509.Certificate:
-        deadline = time.monotonic() + (_RESTART_LISTEN_WAIT if self.how == self.RESTART else 0)
-        while True:
-            try:
-                return tls.served_certificate(self.found.conf, verify=True)
-            except ConnectionRefusedError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.5)
-
-
-def _targets(agent_dir: str) -> list[str]:
+def _targets(agent: paths.AgentFiles) -> list[str]:
     """Every file a renewal replaces, as keystore-cert-import writes them (keystore last)."""
-    return certimport.target_paths(
-        os.path.join(agent_dir, "cloud.jks"),
-        os.path.join(agent_dir, "cloud.crt"),
-        os.path.join(agent_dir, "cloud.ca.crt"),
-        os.path.join(agent_dir, "cloud.key"),
-    )
+    return certimport.target_paths(agent.keystore, agent.cert, agent.ca, agent.key)
 
 
-def _current(agent_dir: str) -> x509.Certificate | None:
+def _current(path: str) -> x509.Certificate | None:
     """The agent's certificate; None when there is none (everything is then due)."""
-    path = os.path.join(agent_dir, "cloud.crt")
     try:
         with open(path, "rb") as source:
             return pki.load_certificates(source.read(), path)[0]
@@ -429,126 +289,55 @@ def _current(agent_dir: str) -> x509.Certificate | None:
 
 
 def _new_set(
-    agent_dir: str, signer: Signer, validity_days: int, key_type: str
+    agent: paths.AgentFiles, signer: Signer, validity_days: int, key_type: str
 ) -> certimport.Installation:
     """A new key and CSR as keystore-setup makes them, signed, and checked as
     keystore-cert-import checks; made in a private scratch directory, so nothing installed
     changes until the swap."""
-    props = os.path.join(agent_dir, "agent.properties")
-    passphrase = properties.passphrase(properties.read(props) or "") or secrets.token_urlsafe(24)
+    text = agentproperties.read(agent.properties) or ""
+    passphrase = agentproperties.passphrase(text) or secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="kvmhook-renew-") as scratch:
-        scratch_props = os.path.join(scratch, "agent.properties")  # setup writes it
-        scratch_keystore = os.path.join(scratch, "cloud.jks")
-        csr_file = os.path.join(scratch, "cloud.csr")
-        csr = setup.setup(
-            scratch_props, scratch_keystore, passphrase, validity_days, csr_file, key_type
+        made = paths.agent_files(scratch)  # keystore-setup writes its properties and keystore
+        csr = keysetup.setup(
+            made.properties,
+            made.keystore,
+            passphrase,
+            validity_days,
+            os.path.join(scratch, "cloud.csr"),
+            key_type,
         )
         signed = signer.sign(csr)
-        key = pki.key_pem(store.load(scratch_keystore, passphrase)[0])
+        key = pki.key_pem(agentkeystore.load(made.keystore, passphrase)[0])
     certs = pki.load_certificates(signed, f"what {signer.description} returned")
     if len(certs) < 2:
         raise KeystoreError(
             f"{signer.description} returned no CA certificate after the certificate"
         )
     return certimport.check(
-        props,
-        os.path.join(agent_dir, "cloud.jks"),
-        os.path.join(agent_dir, "cloud.crt"),
-        content.encode(pki.certificate_pem(certs[:1])),
-        os.path.join(agent_dir, "cloud.ca.crt"),
-        content.encode(pki.certificate_pem(certs[1:])),
-        os.path.join(agent_dir, "cloud.key"),
-        content.encode(key),
+        agent.properties,
+        agent.keystore,
+        agent.cert,
+        pki.certificate_pem(certs[:1]),
+        agent.ca,
+        pki.certificate_pem(certs[1:]),
+        agent.key,
+        key,
         new_passphrase=passphrase,
     )
 
 
-def _check_trusted(agent_dir: str, chain: list[x509.Certificate]) -> None:
-    """RotationError unless `chain` ends at a root the installed CA bundle holds.
-
-    A certificate from another CA is refused by every peer still trusting
-    this one: migrations to and from this host would stop. Changing CA is a
-    keystore-cert-import of its own, not a renewal.
-    """
-    path = os.path.join(agent_dir, "cloud.ca.crt")
-    try:
-        with open(path, "rb") as source:
-            trusted = pki.load_certificates(source.read(), path)
-    except FileNotFoundError:
-        return  # nothing trusted yet: the first certificate sets it
-    except OSError as error:
-        raise RotationError(f"cannot read {path}: {error.strerror}") from None
-    root = chain[-1]
-    if not any(ca.subject == root.subject and _public(ca) == _public(root) for ca in trusted):
-        names = "; ".join(ca.subject.rfc4514_string() for ca in trusted)
-        raise RotationError(
-            f"the new certificate chains to the root {pki.describe(root)}, which this host does"
-            f" not trust ({path} holds {names}): its peers would refuse it"
-        )
-
-
-def _check_previous(agent_dir: str) -> x509.Certificate:
+def _check_previous(agent: paths.AgentFiles) -> x509.Certificate:
     """The previous certificate, after the checks keystore-cert-import makes: RotationError
     when its key does not match, its chain does not verify or it is not valid now."""
-    cert_file, key_file, ca_file = (
-        os.path.join(agent_dir, name + PREVIOUS)
-        for name in ("cloud.crt", "cloud.key", "cloud.ca.crt")
-    )
     try:
-        cert = pki.load_certificates(_read(cert_file), cert_file)[0]
-        key = pki.load_private_key(_read(key_file), key_file)
-        if not pki.key_matches(key, cert):
-            raise RotationError(f"{key_file} does not match {cert_file}")
-        pki.chain(cert, pki.load_certificates(_read(ca_file), ca_file))
-        pki.check_validity(cert, "the previous certificate")
+        return certificates.check_set(
+            agent.cert + PREVIOUS,
+            agent.key + PREVIOUS,
+            agent.ca + PREVIOUS,
+            "the previous certificate",
+        )
     except KvmhookError as error:
         raise RotationError(f"the previous set cannot be restored: {error}") from None
-    return cert
-
-
-def _run_signer(signer: str, csr: bytes) -> bytes:
-    """Run the signer with the CSR on stdin; its stdout: the certificate, then the CA(s)."""
-    with tempfile.TemporaryFile() as request:
-        request.write(csr)
-        request.seek(0)
-        try:
-            outcome = process.run(
-                ["/bin/sh", "-c", signer], request.fileno(), SIGNER_TIMEOUT, 5, 1024 * 1024
-            )
-        except OSError as error:
-            raise KeystoreError(f"cannot run the signer: {error.strerror}") from None
-    stdout = b"".join(data for stream, data in outcome.segments if stream == "stdout")
-    if outcome.timed_out or outcome.status != 0:
-        said = " ".join(outcome.said("stderr").split()[-40:])
-        how = "timed out" if outcome.timed_out else outcome.ending
-        raise KeystoreError(f"the signer failed ({how}){': ' + said if said else ''}")
-    return stdout
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as source:
-            return source.read()
-    except OSError as error:
-        raise RotationError(f"cannot read {path}: {error.strerror}") from None
-
-
-def _public(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "X")
-
-
-def _describe(cert: x509.Certificate) -> str:
-    days = (pki.not_after(cert) - pki.utcnow()).days
-    return (
-        f"{cert.subject.rfc4514_string()}, serial {_serial(cert)},"
-        f" valid until {pki.not_after(cert)} UTC ({days} days left)"
-    )
 
 
 def _one_line(error: BaseException) -> str:

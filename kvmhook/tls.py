@@ -17,24 +17,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-import socket
-import ssl
 import stat
 from typing import Callable
 
-from cryptography import x509
-
-from keystore import setup
-from kvmhook import certificates, paths, process, startup
-from kvmhook.errors import CannotReloadOnlineError, ReloadError, TlsError
+from kvmhook import certificates, paths, serving, startup
+from kvmhook.errors import TlsError
 from kvmhook.files import Transaction
-from kvmhook.libvirtconf import ConfFile, quote
+from kvmhook.libvirtconf import CODEC, ConfFile, quote, read, unquote
 
-DEFAULT_PORT = 16514
-_HANDSHAKE_TIMEOUT = 5.0
-# With TLS 1.3 the server judges our certificate after the handshake and says
-# no by closing the connection; this long without a word, it kept it.
-_VERDICT_WAIT = 0.5
 # libvirtd.conf's keys for its server files, and the files they must name.
 _SERVER_FILES = {
     "key_file": "libvirt server key",
@@ -45,14 +35,9 @@ _SERVER_FILES = {
 _TLS_AUTH = ("none", "sasl")
 _FORCE_KEY = re.compile(r"^\s*#?\s*migrate_tls_force\s*=", re.MULTILINE)
 _FORCE_SINCE = 6_009_000  # libvirt 6.9 added migrate_tls_force
-_CODEC = ("utf-8", "surrogateescape")  # whatever bytes a file holds are written back as they were
-_UPDATE_TLS_SINCE = (6, 2, 0)  # virt-admin server-update-tls
-# How virt-admin or an older daemon says it has no server-update-tls.
-_UNSUPPORTED = ("unknown command", "unknown procedure", "not supported")
-_VIRT_ADMIN_TIMEOUT = 30.0
 
 
-class Item:
+class Check:
     """One check of the secured host: what, whether it holds, and why (not)."""
 
     __slots__ = ("detail", "name", "ok")
@@ -66,10 +51,10 @@ class Item:
         return {"name": self.name, "ok": self.ok, "detail": self.detail}
 
 
-class Status:
+class Report:
     """Every check; the host is secured when each one holds."""
 
-    def __init__(self, items: list[Item]) -> None:
+    def __init__(self, items: list[Check]) -> None:
         self.items = items
         self.secured = all(item.ok for item in items)
 
@@ -99,7 +84,7 @@ class Change:
         return bool(self.files) or self.socket
 
 
-def status(agent_dir: str | None = None, handshake: bool = True) -> Status:
+def status(agent_dir: str | None = None, handshake: bool = True) -> Report:
     """Whether this host is secured, item by item; what it finds never raises.
 
     Certificates (agent, libvirt, QEMU), the serving daemon's configuration,
@@ -110,22 +95,22 @@ def status(agent_dir: str | None = None, handshake: bool = True) -> Status:
     # Expiry warnings are `kvmhook cert status`'s business: here, what breaks TLS now.
     findings = certificates.inspect(agent_dir or paths.agent_dir(), warn_days=0)
     items = [
-        Item(f"{finding.name} certificate", not finding.problems, _finding_detail(finding))
+        Check(f"{finding.name} certificate", not finding.problems, _finding_detail(finding))
         for finding in findings
     ]
     items.append(_item(os.path.basename(found.conf), _daemon_conf_check, found.conf))
     items.append(_item("startup", _startup_check, found))
     if handshake:
-        items.append(_item("tls handshake", _handshake_check, found.conf))
+        items.append(_item("tls handshake", serving.check_handshake, found.conf))
     items.append(_item("qemu.conf", _qemu_conf_check, paths.qemu_conf()))
-    return Status(items)
+    return Report(items)
 
 
-def _item(name: str, check: Callable[..., tuple[bool, str]], *args: object) -> Item:
+def _item(name: str, check: Callable[..., tuple[bool, str]], *args: object) -> Check:
     try:
-        return Item(name, *check(*args))
+        return Check(name, *check(*args))
     except TlsError as error:
-        return Item(name, False, str(error))
+        return Check(name, False, str(error))
 
 
 def _finding_detail(finding: certificates.Finding) -> str:
@@ -135,7 +120,7 @@ def _finding_detail(finding: certificates.Finding) -> str:
 
 
 def _daemon_conf_check(path: str) -> tuple[bool, str]:
-    conf = ConfFile(_read(path))
+    conf = ConfFile(read(path))
     problems = []
     if conf.get("listen_tls") != "1":
         problems.append(_wanted("listen_tls", conf.get("listen_tls"), "1"))
@@ -143,9 +128,9 @@ def _daemon_conf_check(path: str) -> tuple[bool, str]:
     for key, role in _SERVER_FILES.items():
         value = conf.get(key)
         wanted = paths.on_host(tls[role])
-        if value is not None and _string(value) != wanted:
+        if value is not None and unquote(value) != wanted:
             problems.append(_wanted(key, value, quote(wanted)))
-    auth = _string(conf.get("auth_tls") or quote("none"))
+    auth = unquote(conf.get("auth_tls") or quote("none"))
     if auth not in _TLS_AUTH:
         problems.append(f'auth_tls is "{auth}": a TLS socket takes "none" or "sasl"')
     if problems:
@@ -157,7 +142,7 @@ def _startup_check(found: startup.Startup) -> tuple[bool, str]:
     if found.defaults is None:
         on = startup.socket_enabled(found)
         return on, f"{found.socket} is {'enabled' if on else 'not enabled'} ({found.style})"
-    on = startup.has_listen(_read(found.defaults))
+    on = startup.has_listen(read(found.defaults))
     has = "has" if on else "lacks"
     return on, f"LIBVIRTD_ARGS in {found.defaults} {has} --listen ({found.style})"
 
@@ -166,146 +151,19 @@ def _listens(found: startup.Startup) -> bool:
     """Whether libvirt's start-up opens its network sockets: the TLS socket unit, or --listen."""
     if found.defaults is None:
         return startup.socket_enabled(found)
-    return os.path.exists(found.defaults) and startup.has_listen(_read(found.defaults))
-
-
-def _handshake_check(conf_path: str) -> tuple[bool, str]:
-    address, port, name = endpoint(conf_path)
-    where = f"{address} port {port} as {name}"
-    try:
-        version, _ = _handshake(address, port, name)
-    except ssl.SSLCertVerificationError as error:
-        return False, f"{where}: the server's certificate does not verify: {error.verify_message}"
-    except ssl.SSLError as error:
-        return False, f"{where}: TLS failed: {error.reason or error}"
-    except OSError as error:
-        return False, f"{where}: {error.strerror or error}"
-    return True, f"{where}: {version} with our CA, our client certificate accepted"
-
-
-def endpoint(conf_path: str) -> tuple[str, str, str]:
-    """(address, port, name) to reach the daemon configured by `conf_path` over TLS."""
-    try:
-        conf = ConfFile(_read(conf_path))
-    except TlsError:
-        conf = ConfFile("")  # libvirt's defaults; the configuration's own item says why
-    port = _string(conf.get("tls_port") or str(DEFAULT_PORT))
-    listen = _string(conf.get("listen_addr") or "")
-    # Loopback unless libvirtd is bound to one address: no DNS, no firewall in the way.
-    address = listen if listen not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    return address, port, setup.fqdn()
-
-
-def served_certificate(conf_path: str, verify: bool) -> x509.Certificate:
-    """The certificate the daemon presents to a new TLS connection now.
-
-    With `verify`, the handshake is a peer libvirt's (our CA, the name, our
-    client certificate accepted), so it also proves the served chain works.
-    Raises OSError (ssl.SSLError included) when it fails, TlsError when a file is missing.
-    """
-    address, port, name = endpoint(conf_path)
-    return x509.load_der_x509_certificate(_handshake(address, port, name, verify)[1])
-
-
-def _handshake(address: str, port: str, name: str, verify: bool = True) -> tuple[str, bytes]:
-    """The protocol version and the server's certificate (DER) of a TLS handshake made as a
-    peer's libvirt would make it; without `verify`, whatever the server presents is taken.
-
-    Raises OSError (ssl.SSLError included) when it fails, TlsError when a file is missing.
-    """
-    tls = paths.tls_files()
-    ca, cert, key = tls["libvirt ca"], tls["libvirt client cert"], tls["libvirt client key"]
-    for path in (ca, cert, key) if verify else (cert, key):
-        if not os.path.exists(path):  # ssl's own error would not name the file
-            raise TlsError(f"{path} does not exist")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
-    if verify:
-        context.load_verify_locations(ca)
-    else:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    # Presented either way: under TLS 1.2 a server that requires one ends the handshake
-    # before the client has seen its certificate.
-    context.load_cert_chain(cert, key)
-    raw = socket.create_connection((address, port), timeout=_HANDSHAKE_TIMEOUT)
-    with raw, context.wrap_socket(raw, server_hostname=name) as connection:
-        served = connection.getpeercert(binary_form=True)
-        version = str(connection.version())
-        if not verify:
-            return version, served
-        connection.settimeout(_VERDICT_WAIT)
-        try:
-            said = connection.recv(1)
-        except socket.timeout:
-            return version, served
-        if not said:
-            raise ConnectionError("the server closed the connection after the handshake")
-        return version, served
-
-
-def reload(daemon: str) -> None:
-    """Make the running `daemon` (libvirtd, virtproxyd) load its CA, certificate and key again.
-
-    No restart: guests, connections and the pid stay. CannotReloadOnlineError
-    when virt-admin or the daemon lacks server-update-tls, ReloadError when
-    the daemon refused the files (it then keeps serving the ones it had).
-    """
-    outcome = _virt_admin(daemon, "server-update-tls", daemon)
-    if outcome.status != 0:
-        said = outcome.said() or outcome.ending
-        if any(sign in said for sign in _UNSUPPORTED):
-            raise CannotReloadOnlineError(f"{daemon} cannot reload its TLS files online: {said}")
-        raise ReloadError(f"virt-admin server-update-tls {daemon} failed: {said}")
-
-
-def check_reloadable(daemon: str) -> None:
-    """CannotReloadOnlineError unless virt-admin can make the running `daemon` reload TLS."""
-    outcome = _virt_admin(daemon, "version")
-    said = outcome.said()
-    if outcome.status != 0:
-        raise ReloadError(f"virt-admin cannot reach {daemon}: {said or outcome.ending}")
-    found = re.search(r"Running against daemon: (\d+)\.(\d+)\.(\d+)", said)
-    if found is None:
-        raise ReloadError(f"virt-admin did not say {daemon}'s version: {said}")
-    version = tuple(int(part) for part in found.groups())
-    if version < _UPDATE_TLS_SINCE:
-        raise CannotReloadOnlineError(
-            f"{daemon} {'.'.join(found.groups())} cannot reload its TLS files online "
-            "(server-update-tls came with libvirt 6.2)"
-        )
-
-
-def is_running(daemon: str) -> bool:
-    """Whether `daemon` runs here: its admin socket exists (under the root prefix too)."""
-    try:
-        return stat.S_ISSOCK(os.stat(paths.libvirt_admin_socket(daemon)).st_mode)
-    except OSError:
-        return False
-
-
-def _virt_admin(daemon: str, *args: str) -> process.Outcome:
-    # The socket named, so that under KVMHOOK_ROOT it is that root's daemon, not this host's.
-    uri = f"{daemon}:///system?socket={paths.libvirt_admin_socket(daemon)}"
-    try:
-        return process.run_tool(["virt-admin", "-c", uri, *args], _VIRT_ADMIN_TIMEOUT)
-    except FileNotFoundError:
-        raise CannotReloadOnlineError(
-            "virt-admin is not installed (libvirt-clients): it makes libvirt reload TLS online"
-        ) from None
-    except OSError as error:
-        raise ReloadError(f"cannot run virt-admin: {error.strerror}") from None
+    return os.path.exists(found.defaults) and startup.has_listen(read(found.defaults))
 
 
 def _qemu_conf_check(path: str) -> tuple[bool, str]:
-    conf = ConfFile(_read(path))
+    conf = ConfFile(read(path))
     problems = [
         _wanted(key, conf.get(key), value)
         for key, value in _qemu_on(conf).items()
-        if _string(conf.get(key) or "") != _string(value)
+        if unquote(conf.get(key) or "") != unquote(value)
     ]
     qemu_dir = _qemu_dir()
     override = conf.get("migrate_tls_x509_cert_dir")
-    if override is not None and _string(override) != qemu_dir:
+    if override is not None and unquote(override) != qemu_dir:
         problems.append(f"migrate_tls_x509_cert_dir is {override}, so migration skips {qemu_dir}")
     if problems:
         return False, f"{path}: {'; '.join(problems)}"
@@ -350,7 +208,7 @@ def _daemon_on(conf: ConfFile) -> dict[str, str]:
     wanted = {
         "listen_tls": "1",
         "listen_tcp": "0",
-        "tls_port": quote(str(DEFAULT_PORT)),
+        "tls_port": quote(str(serving.TLS_PORT)),
         **{key: quote(paths.on_host(tls[role])) for key, role in _SERVER_FILES.items()},
     }
     if conf.get("auth_tls") is None:  # an operator's choice (sasl) stays
@@ -405,14 +263,14 @@ class _Edit:
 
 
 def _conf_edit(path: str, settings: Callable[[ConfFile], dict[str, str]]) -> _Edit:
-    before = _read(path)
+    before = read(path)
     conf = ConfFile(before)
     keys = [key for key, value in settings(conf).items() if conf.set(key, value)]
     return _Edit(path, before, conf.text(), keys)
 
 
 def _args_edit(path: str, listen: bool) -> _Edit:
-    before = _read(path) if os.path.exists(path) else None
+    before = read(path) if os.path.exists(path) else None
     after = startup.with_listen(before or "", listen)
     return _Edit(path, before, after, ["LIBVIRTD_ARGS"] if after != (before or "") else [])
 
@@ -439,31 +297,14 @@ def _switch(found: startup.Startup, edits: list[_Edit], on: bool) -> Change:
 
 
 def _stage(files: Transaction, edit: _Edit) -> None:
-    after = edit.after.encode(*_CODEC)
+    after = edit.after.encode(*CODEC)
     if edit.before is None:
         files.write(edit.path, after, 0o644, parent_mode=0o755)
         return
     mode = stat.S_IMODE(os.stat(edit.path).st_mode)  # qemu.conf may hold passwords: 0600 stays
-    files.write(edit.path + ".bak", edit.before.encode(*_CODEC), mode)
+    files.write(edit.path + ".bak", edit.before.encode(*CODEC), mode)
     files.write(edit.path, after, mode)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as source:
-            return source.read().decode(*_CODEC)
-    except FileNotFoundError:
-        raise TlsError(f"{path} does not exist") from None
-    except OSError as error:
-        raise TlsError(f"cannot read {path}: {error.strerror}") from None
 
 
 def _wanted(key: str, value: str | None, wanted: str) -> str:
     return f"{key} = {value}, wanted {wanted}" if value else f"{key} not set, wanted {wanted}"
-
-
-def _string(value: str) -> str:
-    """A libvirt configuration value without its quotes (numbers as they are)."""
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return re.sub(r"\\(.)", r"\1", value[1:-1])
-    return value

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from keystore import content, properties, store
-from kvmhook import pki
+from keystore import content
+from kvmhook import agentkeystore, agentproperties, pki
 
 KVMHOOK = Path(sys.executable).parent / "kvmhook"
 PASSPHRASE = "s3cret-pass"
@@ -254,9 +254,9 @@ def test_renew_installs_a_new_key_and_certificate(agent, tmp_path):
     result = kvmhook("cert", "renew", "--signer", signer)
     assert result.returncode == 0, result.stderr
     assert (directory / "cloud.key").read_bytes() != old_key
-    passphrase = properties.passphrase((directory / "agent.properties").read_text())
+    passphrase = agentproperties.passphrase((directory / "agent.properties").read_text())
     assert passphrase == PASSPHRASE
-    _key, cert, _cas = store.load(str(directory / "cloud.jks"), passphrase)
+    _key, cert, _cas = agentkeystore.load(str(directory / "cloud.jks"), passphrase)
     assert cert.public_bytes(serialization.Encoding.PEM) == (directory / "cloud.crt").read_bytes()
     assert 88 <= (pki.not_after(cert) - datetime.datetime.utcnow()).days <= 90
     assert kvmhook("cert", "status").returncode == 0

@@ -19,9 +19,9 @@ import testca
 from fakecontroller import BAD_SIGNATURE, FakeController, signature
 from urllib3.exceptions import InsecureRequestWarning
 
-from keystore.setup import fqdn
 from kvmhook import controller
 from kvmhook.errors import ControllerError, ControllerUnreachable
+from kvmhook.hostname import fqdn
 
 HOST = "kvm1.example.org"
 CONF = "etc/kvmhook/controller.conf"

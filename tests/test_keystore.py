@@ -25,8 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from keystore import cli, content, properties, setup, store
-from kvmhook import files, paths, pki
+from keystore import cli, content
+from kvmhook import agentkeystore, agentproperties, files, hostname, keysetup, paths, pki
 
 BIN = Path(sys.executable).parent
 SETUP = BIN / "keystore-setup"
@@ -148,13 +148,13 @@ class Agent:
         return self.run(IMPORT, *self.import_args(cert, ca, key, mode))
 
     def passphrase(self) -> str:
-        found = properties.passphrase(self.properties.read_text())
+        found = agentproperties.passphrase(self.properties.read_text())
         assert found is not None
         return found
 
     def load(self, passphrase: str | None = None):
         """The keystore's key, certificate and CA certificates."""
-        return store.load(str(self.keystore), passphrase or self.passphrase())
+        return agentkeystore.load(str(self.keystore), passphrase or self.passphrase())
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -352,8 +352,8 @@ def test_setup_creates_key_keystore_and_csr_for_this_host(tmp_path):
     assert result.stderr == b""
     csr = x509.load_pem_x509_csr(csr_pem)
     assert csr.is_signature_valid
-    fqdn, addresses = setup.host_identity()
-    assert fqdn == setup.fqdn()
+    fqdn, addresses = keysetup.host_identity()
+    assert fqdn == hostname.fqdn()
     hostname_f = subprocess.run(["hostname", "-f"], capture_output=True, check=False)
     if shutil.which("hostname") and hostname_f.returncode == 0:
         assert fqdn == hostname_f.stdout.decode().strip()

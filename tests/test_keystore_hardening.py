@@ -32,7 +32,7 @@ from test_keystore import (
     snapshot,
 )
 
-from keystore import properties, store
+from kvmhook import agentkeystore, agentproperties
 from kvmhook.errors import KeystoreError
 
 PROBE = Path(__file__).parent / "java" / "PropertiesProbe.java"
@@ -90,7 +90,7 @@ def test_escape_writes_what_java_properties_store_writes(jvm):
     """properties.escape gives, byte for byte, the value line Properties.store writes."""
     values = odd_values(300)
     assert jvm("store", *(utf16_hex(value) for value in values)) == [
-        properties.escape(value) for value in values
+        agentproperties.escape(value) for value in values
     ]
 
 
@@ -127,12 +127,12 @@ def properties_files() -> list[bytes]:
 
 
 def read_as_python(data: bytes) -> str:
-    """What properties.entries finds as the last keystore.passphrase, in the probe's terms."""
+    """What agentproperties.entries finds as the last keystore.passphrase, in the probe's terms."""
     try:
-        found = properties.entries(data.decode(properties.ENCODING))
+        found = agentproperties.entries(data.decode(agentproperties.ENCODING))
     except KeystoreError:
         return "error"
-    values = [entry.value for entry in found if entry.key == properties.KEY]
+    values = [entry.value for entry in found if entry.key == agentproperties.KEY]
     return utf16_hex(values[-1]) if values else "null"
 
 
@@ -163,7 +163,7 @@ def test_setup_passphrase_opens_the_keystore_in_java(jvm, tmp_path, passphrase):
     ok(agent.setup(passphrase=passphrase))
     assert jvm("open", str(agent.properties), str(agent.keystore)) == ["opened [cloud] key true"]
     assert jvm("load", str(agent.properties)) == [utf16_hex(passphrase)]
-    assert properties.passphrase(agent.properties.read_text("iso-8859-1")) == passphrase
+    assert agentproperties.passphrase(agent.properties.read_text("iso-8859-1")) == passphrase
 
 
 def test_import_reads_a_tricky_passphrase_back(tmp_path, ca):
@@ -223,8 +223,8 @@ def test_setup_keeps_every_other_line_byte_for_byte(jvm, tmp_path, original):
     assert written.startswith(original)
     newline = b"\r\n" if b"\r\n" in original else b"\n"
     assert written.endswith(b"keystore.passphrase=" + PASSPHRASE.encode() + newline)
-    before = properties.entries(original.decode("iso-8859-1"))
-    after = properties.entries(written.decode("iso-8859-1"))
+    before = agentproperties.entries(original.decode("iso-8859-1"))
+    after = agentproperties.entries(written.decode("iso-8859-1"))
     assert [entry[:2] for entry in after] == [
         *(entry[:2] for entry in before),
         (
@@ -483,7 +483,7 @@ def test_parallel_setups_leave_a_consistent_set(jvm, tmp_path):
             assert run.wait(timeout=120) == 0, run.stderr.read() if run.stderr else ""
             if run.stderr:
                 run.stderr.close()
-        key = store.load(str(agent.keystore), agent.passphrase())[0]
+        key = agentkeystore.load(str(agent.keystore), agent.passphrase())[0]
         csr = x509.load_pem_x509_csr(agent.csr.read_bytes())
         assert testca.public_der(csr) == testca.public_der(key), f"round {round_}"
         pairs += [str(agent.properties), str(agent.keystore)]
@@ -559,6 +559,6 @@ def test_import_replaces_a_symlinked_key_with_a_file_of_its_own(tmp_path, ca):
 def test_passphrase_check_names_every_kind_of_character():
     """store.check_passphrase accepts every printable ASCII character and names anything else
     by its code point and position."""
-    store.check_passphrase("".join(chr(code) for code in range(0x20, 0x7F)))
+    agentkeystore.check_passphrase("".join(chr(code) for code in range(0x20, 0x7F)))
     with pytest.raises(KeystoreError, match=r"control character U\+0085 at position 2"):
-        store.check_passphrase("a\x85")
+        agentkeystore.check_passphrase("a\x85")

@@ -1,4 +1,4 @@
-"""Unit tests of kvmhook/pki.py, the files.Transaction, and keystore's content and properties."""
+"""Unit tests of kvmhook/pki.py, files.Transaction, keystore's content and agentproperties."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from keystore import content, properties
-from kvmhook import files, pki
+from keystore import content
+from kvmhook import agentproperties, files, pki
 from kvmhook.files import Transaction
 
 
@@ -529,33 +529,33 @@ def test_decode_rejects_non_ascii():
 )
 def test_passphrase_is_read_from_its_line(text, expected):
     """keystore.passphrase= (or :) is found; comments, empty values and other keys are not."""
-    assert properties.passphrase(text) == expected
+    assert agentproperties.passphrase(text) == expected
 
 
 def test_with_passphrase_appends_and_keeps_every_other_line():
     """A missing passphrase is appended after every existing line, in order, untouched."""
     text = "# agent.properties\n\nhost=10.0.0.1\n! bang comment\nport = 8250  \nguid=abc\n"
-    result = properties.with_passphrase(text, "s3cret")
+    result = agentproperties.with_passphrase(text, "s3cret")
     assert result == text + "keystore.passphrase=s3cret\n"
 
 
 def test_with_passphrase_adds_a_newline_to_an_unterminated_last_line():
     """A last line without a newline gets one before the passphrase line."""
-    assert properties.with_passphrase("a=b", "p") == "a=b\nkeystore.passphrase=p\n"
-    assert properties.with_passphrase("", "p") == "keystore.passphrase=p\n"
+    assert agentproperties.with_passphrase("a=b", "p") == "a=b\nkeystore.passphrase=p\n"
+    assert agentproperties.with_passphrase("", "p") == "keystore.passphrase=p\n"
 
 
 def test_with_passphrase_keeps_an_existing_value():
     """An existing passphrase stays and the text is returned unchanged."""
     text = "a=b\nkeystore.passphrase=old\nc=d"
-    assert properties.with_passphrase(text, "new") == text
+    assert agentproperties.with_passphrase(text, "new") == text
 
 
 def test_with_passphrase_replaces_an_empty_value_line():
     """An empty keystore.passphrase= line is replaced, not duplicated."""
-    result = properties.with_passphrase("a=b\nkeystore.passphrase=\nc=d\n", "p")
+    result = agentproperties.with_passphrase("a=b\nkeystore.passphrase=\nc=d\n", "p")
     assert result == "a=b\nc=d\nkeystore.passphrase=p\n"
-    assert properties.passphrase(result) == "p"
+    assert agentproperties.passphrase(result) == "p"
 
 
 @settings(max_examples=300, deadline=None)
@@ -573,11 +573,11 @@ def test_with_passphrase_preserves_arbitrary_lines(lines, newline, terminated, v
     byte for byte and mean what they meant; the passphrase is appended, read back the same."""
     lines = [line for line in lines if "keystore.passphrase" not in line and "\\u" not in line]
     text = newline.join(lines) + (newline if terminated and lines else "")
-    result = properties.with_passphrase(text, value)
+    result = agentproperties.with_passphrase(text, value)
     assert result.startswith(text)
-    assert properties.passphrase(result) == value
+    assert agentproperties.passphrase(result) == value
     # Java reads a lone backslash ending the file as the empty key: meaningless, and gone
     # once a line follows it.
-    before = [(entry.key, entry.value) for entry in properties.entries(text) if any(entry[:2])]
-    after = [(entry.key, entry.value) for entry in properties.entries(result) if any(entry[:2])]
+    before = [(each.key, each.value) for each in agentproperties.entries(text) if any(each[:2])]
+    after = [(each.key, each.value) for each in agentproperties.entries(result) if any(each[:2])]
     assert after == [*before, ("keystore.passphrase", value)]

@@ -24,11 +24,10 @@ import testca
 from click.testing import CliRunner
 from cryptography import x509
 
-from keystore import certimport, content
-from keystore.setup import fqdn
-from kvmhook import startup, tls
+from kvmhook import certimport, startup, tls
 from kvmhook.cli.tls import tls as tls_command
 from kvmhook.errors import TlsError
+from kvmhook.hostname import fqdn
 from kvmhook.libvirtconf import ConfFile
 
 DATA = Path(__file__).parent / "data" / "debian12"
@@ -90,11 +89,11 @@ def install_certificates(root: Path) -> None:
         str(agent / "agent.properties"),
         str(agent / "cloud.jks"),
         str(agent / "cloud.crt"),
-        content.encode(cert),
+        cert,
         str(agent / "cloud.ca.crt"),
-        content.encode(authority.bundle()),
+        authority.bundle(),
         str(agent / "cloud.key"),
-        content.encode(key),
+        key,
         new_passphrase="tls-test-pass",
     ).install()
 
@@ -115,11 +114,12 @@ def closed_port() -> int:
 
 
 def set_conf(path: Path, key: str, value: str | None) -> None:
-    conf = ConfFile(path.read_text())
+    """`key = value` in the file; with None, `key` commented out (libvirt's default applies)."""
     if value is None:
-        conf.unset(key)
-    else:
-        conf.set(key, value)
+        path.write_text(re.sub(rf"^(\s*{key}\s*=)", r"#\1", path.read_text(), flags=re.M))
+        return
+    conf = ConfFile(path.read_text())
+    conf.set(key, value)
     path.write_text(conf.text())
 
 
@@ -146,7 +146,7 @@ def invoke(*args: str):
     return CliRunner().invoke(tls_command, list(args))
 
 
-def failing_items(result: tls.Status) -> set[str]:
+def failing_items(result: tls.Report) -> set[str]:
     return {item.name for item in result.items if not item.ok}
 
 
@@ -640,7 +640,7 @@ def server_files(root: Path) -> tuple[Path, Path, Path]:
     return libvirt / "servercert.pem", libvirt / "private/serverkey.pem", root / CA_FILE
 
 
-def handshake(result: tls.Status) -> tls.Item:
+def handshake(result: tls.Report) -> tls.Check:
     return next(item for item in result.items if item.name == "tls handshake")
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from kvmhook import certificates, exitcodes, limits, paths
+from kvmhook import certificates, exitcodes, limits, paths, pki
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from kvmhook import rotation
 from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option, failure, with_exit_codes
 from kvmhook.errors import KvmhookError
 
@@ -153,30 +158,32 @@ def renew(
     handshake on its TLS port must present the new serial; if not, the
     previous set is put back and reloaded. Renewals and rollbacks wait for
     each other (a lock in /run/kvmhook)."""
-    from kvmhook import rotation
+    from kvmhook import rotation, signers
 
     if signer is not None and use_controller:
         raise click.UsageError("--signer and --controller exclude each other: choose one signer")
     if restart and not reload:
         raise click.UsageError("--restart (the earlier name of --reload) contradicts --no-reload")
     if signer is not None:
-        chosen = functools.partial(rotation.command_signer, signer)
+        chosen = functools.partial(signers.command_signer, signer)
     elif use_controller:
-        chosen = rotation.controller_signer
+        chosen = signers.controller_signer
     else:
-        chosen = rotation.default_signer
+        chosen = signers.default_signer
     say = functools.partial(click.echo, err=True)
     _report(
-        lambda: rotation.renew(
-            agent_dir or paths.agent_dir(),
-            chosen,
-            functools.partial(rotation.alert_period, say) if within == "auto" else within,
-            reload=reload,
-            allow_restart=allow_restart,
-            dry_run=dry_run,
-            validity_days=days,
-            key_type=key_type,
-            say=say,
+        lambda: _renewal(
+            rotation.renew(
+                agent_dir,
+                chosen,
+                functools.partial(rotation.alert_period, say) if within == "auto" else within,
+                reload=reload,
+                allow_restart=allow_restart,
+                dry_run=dry_run,
+                validity_days=days,
+                key_type=key_type,
+                say=say,
+            )
         )
     )
 
@@ -200,7 +207,52 @@ def rollback(agent_dir: str | None, allow_restart: bool) -> None:
     from kvmhook import rotation
 
     say = functools.partial(click.echo, err=True)
-    _report(lambda: rotation.rollback(agent_dir or paths.agent_dir(), allow_restart, say=say))
+    _report(lambda: _rolled_back(rotation.rollback(agent_dir, allow_restart, say=say)))
+
+
+def _renewal(done: rotation.NotDue | rotation.DryRun | rotation.Renewed) -> str:
+    """What a renewal did, in one line (a dry run: a few)."""
+    from kvmhook import rotation
+
+    if isinstance(done, rotation.NotDue):
+        return f"not due: {_describe(done.current)}; renewal starts {done.days} days before"
+    if isinstance(done, rotation.DryRun):
+        current = _describe(done.current) if done.current is not None else "a missing cert"
+        return "\n".join(
+            [
+                f"dry run: would renew {current}",
+                f"  new key and CSR, signed by {done.signer}",
+                f"  then replace, each beside its {rotation.PREVIOUS} copy:"
+                f" {', '.join(done.targets)}",
+                f"  then {done.plan.describe()}",
+            ]
+        )
+    was = f"serial {pki.serial(done.previous)} -> " if done.previous is not None else ""
+    return (
+        f"renewed: {done.new.subject.rfc4514_string()}, {was}serial {pki.serial(done.new)},"
+        f" valid until {pki.not_after(done.new)} UTC; {done.served.describe()};"
+        f" the previous set is kept as *{rotation.PREVIOUS} (kvmhook cert rollback)"
+    )
+
+
+def _rolled_back(done: rotation.RolledBack) -> str:
+    """What a rollback did, in one line."""
+    from kvmhook import rotation
+
+    cert = done.cert
+    return (
+        f"rolled back to {cert.subject.rfc4514_string()}, serial {pki.serial(cert)},"
+        f" valid until {pki.not_after(cert)} UTC; {done.served.describe()}; the set rolled back"
+        f" from is now the *{rotation.PREVIOUS} set"
+    )
+
+
+def _describe(cert: x509.Certificate) -> str:
+    days = (pki.not_after(cert) - pki.utcnow()).days
+    return (
+        f"{cert.subject.rfc4514_string()}, serial {pki.serial(cert)},"
+        f" valid until {pki.not_after(cert)} UTC ({days} days left)"
+    )
 
 
 def _report(action: Callable[[], str]) -> None:

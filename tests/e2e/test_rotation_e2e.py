@@ -46,7 +46,7 @@ from test_tls import (
 )
 from twohost import guest_xml, migrate_argv
 
-from keystore.setup import fqdn
+from kvmhook.hostname import fqdn
 
 SIGNER = Path(__file__).resolve().parents[1] / "signer.py"
 LOCK = Path("/run/kvmhook/cert-renew.lock")

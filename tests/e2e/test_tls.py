@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import run
 
-from keystore.setup import fqdn
+from kvmhook.hostname import fqdn
 
 LIBVIRTD_CONF = Path("/etc/libvirt/libvirtd.conf")
 ETC_HOSTS = Path("/etc/hosts")

@@ -1,4 +1,5 @@
-"""keystore-setup: a new host key, its keystore, and a CSR for the controller's CA."""
+"""What keystore-setup makes, and a renewal too: a new host key, its keystore, and a CSR for
+the controller's CA."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from keystore import properties, store
-from kvmhook import limits
+from kvmhook import agentkeystore, agentproperties, limits
 from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
+from kvmhook.hostname import fqdn
 from kvmhook.pki import PrivateKey, utcnow
 
 MAX_VALIDITY_DAYS = limits.MAX_DAYS
@@ -34,8 +35,8 @@ def setup(
         raise KeystoreError(
             f"validity days must be from 1 to {MAX_VALIDITY_DAYS}, not {validity_days}"
         )
-    text = properties.read(properties_file) or ""
-    passphrase = properties.passphrase(text) or passphrase
+    text = agentproperties.read(properties_file) or ""
+    passphrase = agentproperties.passphrase(text) or passphrase
     if not passphrase:
         raise KeystoreError("the passphrase is empty and the properties file holds none")
     key = _new_key(key_type)
@@ -56,9 +57,9 @@ def setup(
         files.write(csr_file, csr_pem, mode=0o644)
         files.write(
             properties_file,
-            properties.with_passphrase(text, passphrase).encode(properties.ENCODING),
+            agentproperties.with_passphrase(text, passphrase).encode(agentproperties.ENCODING),
         )
-        files.write(keystore_file, store.dump(key, [placeholder], passphrase))
+        files.write(keystore_file, agentkeystore.dump(key, [placeholder], passphrase))
     return csr_pem
 
 
@@ -73,20 +74,6 @@ def host_identity() -> tuple[str, list[ipaddress.IPv4Address | ipaddress.IPv6Add
             if not (address.is_loopback or address.is_link_local) and address not in found:
                 found.append(address)
     return fqdn(), sorted(found, key=lambda a: (a.version, a.packed))
-
-
-def fqdn() -> str:
-    """The host's canonical name, as `hostname -f` finds it.
-
-    Not socket.getfqdn(): where /etc/hosts lists the host name after
-    `localhost`, that returns "localhost".
-    """
-    name = socket.gethostname()
-    try:
-        canonical = socket.getaddrinfo(name, None, flags=socket.AI_CANONNAME)[0][3]
-    except OSError:
-        return name
-    return canonical if canonical and not canonical.startswith("localhost") else name
 
 
 def _new_key(key_type: str) -> PrivateKey:

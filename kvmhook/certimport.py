@@ -1,4 +1,5 @@
-"""keystore-cert-import: the CA-signed certificate into the keystore and beside it.
+"""What keystore-cert-import installs, and a renewal too: the CA-signed certificate into the
+keystore and beside it.
 
 Everything is checked before anything is written: the certificate matches the
 key, chains to the given CA certificates, and is valid now. Then the PEM
@@ -13,8 +14,7 @@ import os
 
 from cryptography import x509
 
-from keystore import content, properties, store
-from kvmhook import paths, pki
+from kvmhook import agentkeystore, agentproperties, paths, pki
 from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 
@@ -61,30 +61,33 @@ def check(
     properties_file: str,
     keystore_file: str,
     cert_file: str,
-    cert_content: str,
+    cert_pem: bytes | None,
     ca_file: str,
-    ca_content: str,
+    ca_pem: bytes | None,
     key_file: str,
-    key_content: str = "",
+    key_pem: bytes | None = None,
     new_passphrase: str | None = None,
 ) -> Installation:
-    """Everything keystore-cert-import checks before it writes; the files it would write."""
-    text = properties.read(properties_file)
+    """Everything keystore-cert-import checks before it writes; the files it would write.
+
+    A PEM left None is read from its file (the key: from the keystore).
+    """
+    text = agentproperties.read(properties_file)
     if text is None:
         if new_passphrase is None:
             raise KeystoreError(f"properties file {properties_file} does not exist")
         text = ""
-    passphrase = properties.passphrase(text) or new_passphrase
+    passphrase = agentproperties.passphrase(text) or new_passphrase
     if passphrase is None:
         raise KeystoreError(f"properties file {properties_file} holds no keystore.passphrase")
-    cert = pki.load_certificates(_pem(cert_content, cert_file, "certificate"), "certificate")[0]
-    cas = pki.load_certificates(_pem(ca_content, ca_file, "CA certificate"), "CA certificate")
-    if key_content:
-        key = pki.load_private_key(_decode(key_content, "private key"), "private key")
+    cert = pki.load_certificates(_pem(cert_pem, cert_file, "certificate"), "certificate")[0]
+    cas = pki.load_certificates(_pem(ca_pem, ca_file, "CA certificate"), "CA certificate")
+    if key_pem is not None:
+        key = pki.load_private_key(key_pem, "private key")
     else:
-        key = store.load(keystore_file, passphrase)[0]
+        key = agentkeystore.load(keystore_file, passphrase)[0]
     if not pki.key_matches(key, cert):
-        source = "the given private key" if key_content else f"the key in {keystore_file}"
+        source = "the given private key" if key_pem is not None else f"the key in {keystore_file}"
         raise KeystoreError(f"certificate {pki.describe(cert)} does not match {source}")
     chain = pki.chain(cert, cas)
     pki.check_validity(cert, "certificate")
@@ -95,32 +98,23 @@ def check(
             material, keystore_file, cert_file, ca_file, key_file
         )
     ]
-    if properties.passphrase(text) is None:
-        data = properties.with_passphrase(text, passphrase).encode(properties.ENCODING)
+    if agentproperties.passphrase(text) is None:
+        data = agentproperties.with_passphrase(text, passphrase).encode(agentproperties.ENCODING)
         writes.append((properties_file, data, 0o600, None, None))
-    writes.append((keystore_file, store.dump(key, chain, passphrase), 0o600, None, None))
+    writes.append((keystore_file, agentkeystore.dump(key, chain, passphrase), 0o600, None, None))
     return Installation(material, writes)
 
 
-def _pem(encoded: str, path: str, what: str) -> bytes:
-    """The decoded content argument, or the file as it is when the argument is empty."""
-    if encoded:
-        return _decode(encoded, what)
+def _pem(given: bytes | None, path: str, what: str) -> bytes:
+    """The PEM given, or the file as it is when none was."""
+    if given is not None:
+        return given
     try:
         with open(path, "rb") as source:
             return source.read()
     except OSError as error:
         raise KeystoreError(
             f"no {what} content given and cannot read {path}: {error.strerror}"
-        ) from None
-
-
-def _decode(encoded: str, what: str) -> bytes:
-    try:
-        return content.decode(encoded)
-    except UnicodeEncodeError:
-        raise KeystoreError(
-            f"{what} content is not ^/~-encoded PEM (non-ASCII characters)"
         ) from None
 
 
@@ -150,14 +144,14 @@ def _pem_targets(
     keystore_file: str, cert_file: str, ca_file: str, key_file: str
 ) -> list[tuple[str, str, int, int | None]]:
     """Every PEM file an import writes: (path, what it holds, mode, group), each path once."""
-    beside = os.path.dirname(os.path.abspath(keystore_file))
+    beside = paths.agent_files(os.path.dirname(os.path.abspath(keystore_file)))
     files = [
         (cert_file, "leaf", 0o644, None),
         (ca_file, "cas", 0o644, None),
         (key_file, "key", 0o600, None),
-        (os.path.join(beside, "cloud.crt"), "leaf", 0o644, None),
-        (os.path.join(beside, "cloud.ca.crt"), "cas", 0o644, None),
-        (os.path.join(beside, "cloud.key"), "key", 0o600, None),
+        (beside.cert, "leaf", 0o644, None),
+        (beside.ca, "cas", 0o644, None),
+        (beside.key, "key", 0o600, None),
     ]
     if os.path.exists(paths.libvirtd_conf()):
         qemu_group = _qemu_group()
@@ -186,24 +180,3 @@ def _qemu_group() -> int | None:
 def _directory_mode(path: str) -> int:
     """Mode for a missing parent: private key directories for root and QEMU's group only."""
     return 0o750 if os.path.basename(os.path.dirname(path)) == "private" else 0o755
-
-
-def reload_libvirt_tls() -> None:
-    """Make the running libvirtd (or virtproxyd) load its TLS files again, without a restart."""
-    from kvmhook import process
-
-    errors = []
-    for daemon in ("libvirtd", "virtproxyd"):
-        argv = ["virt-admin", "-c", f"{daemon}:///system", "server-update-tls", daemon]
-        try:
-            outcome = process.run_tool(argv, 30)
-        except FileNotFoundError:
-            raise KeystoreError(
-                "imported, but virt-admin (libvirt-clients) is not installed"
-            ) from None
-        except OSError as error:
-            raise KeystoreError(f"cannot run virt-admin: {error.strerror}") from None
-        if outcome.status == 0:
-            return
-        errors.append(f"{daemon}: {outcome.said() or outcome.ending}")
-    raise KeystoreError(f"imported, but no daemon reloaded its TLS files ({'; '.join(errors)})")
