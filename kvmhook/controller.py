@@ -41,13 +41,17 @@ _PENDING, _SUCCEEDED = 0, 1
 _FIRST_PAUSE, _LONGEST_PAUSE = 0.1, 2.0
 
 
-def load() -> Controller | None:
-    """The controller set in controller.conf; None when the file does not exist (standalone)."""
+def load(agent_dir: str | None = None) -> Controller | None:
+    """The controller set in controller.conf; None when the file does not exist (standalone).
+
+    `agent_dir` (an --agent-dir) holds the cloud.ca.crt that verifies the
+    controller when controller.conf names no `verify =` file.
+    """
     path = paths.controller_conf()
     text = _read_private(path)
     if text is None:
         return None
-    return Controller(**_settings(path, text))
+    return Controller(**_settings(path, text, paths.agent_files(agent_dir).ca))
 
 
 class Controller:
@@ -267,7 +271,7 @@ def _read_private(path: str) -> str | None:
         raise ControllerError(f"cannot read {path}: not UTF-8 text") from None
 
 
-def _settings(path: str, text: str) -> dict[str, Any]:
+def _settings(path: str, text: str, agent_ca: str) -> dict[str, Any]:
     """Controller's arguments from controller.conf's text; ControllerError naming what is wrong.
 
     No message holds a word of the file (a line, a name, a value): any of them
@@ -289,7 +293,7 @@ def _settings(path: str, text: str) -> dict[str, Any]:
             f" {', '.join(SETTINGS)} (misspelt?)"
         )
     endpoints = _endpoints(path, section.get("endpoints", ""))
-    verify = _verify(section.get("verify"))
+    verify = _verify(section.get("verify"), agent_ca)
     _check_ca(path, verify, bool(section.get("verify")), endpoints)
     return {
         "endpoints": endpoints,
@@ -312,10 +316,10 @@ def _endpoints(path: str, value: str) -> list[str]:
     return endpoints
 
 
-def _verify(value: str | None) -> str | bool:
+def _verify(value: str | None, agent_ca: str) -> str | bool:
     """False, or the CA file (host path) that signed the controller's certificate."""
     if not value:
-        return paths.agent_files().ca
+        return agent_ca
     if value.lower() == "false":
         return False
     return paths.under_root(value)

@@ -115,13 +115,14 @@ class RolledBack:
         self.served = served
 
 
-def alert_period(say: Say) -> int:
+def alert_period(agent_dir: str | None, say: Say) -> int:
     """Days before expiry to renew: the controller's ca.framework.cert.expiry.alert.period for
-    this host's cluster when a controller is configured and answers, else 15."""
+    this host's cluster when a controller is configured and answers, else 15. The controller
+    is verified with `agent_dir`'s CA file (see controller.load)."""
     from kvmhook import controller
 
     try:
-        client = controller.load()
+        client = controller.load(agent_dir)
         if client is None:
             return DEFAULT_WITHIN_DAYS
         return client.expiry_alert_period()

@@ -25,11 +25,14 @@ def command_signer(command: str) -> Signer:
     return Signer(f"the signer `{command}`", lambda csr: _run(command, csr))
 
 
-def controller_signer() -> Signer:
-    """The controller's CA, through issueCertificate; RotationError when none is configured."""
+def controller_signer(agent_dir: str | None = None) -> Signer:
+    """The controller's CA, through issueCertificate; RotationError when none is configured.
+
+    `agent_dir` holds the CA file that verifies the controller (see controller.load).
+    """
     from kvmhook import controller
 
-    client = controller.load()
+    client = controller.load(agent_dir)
     if client is None:
         raise RotationError(
             f"no controller is configured ({paths.controller_conf()} does not exist):"
@@ -43,14 +46,14 @@ def controller_signer() -> Signer:
     return Signer("the controller (issueCertificate)", sign)
 
 
-def default_signer() -> Signer:
+def default_signer(agent_dir: str | None = None) -> Signer:
     """The controller when one is configured; else a RotationError asking for --signer."""
     if not os.path.exists(paths.controller_conf()):
         raise RotationError(
             "nobody to sign the new certificate: give --signer CMD, or configure the"
             f" controller in {paths.controller_conf()} (--controller)"
         )
-    return controller_signer()
+    return controller_signer(agent_dir)
 
 
 def _run(command: str, csr: bytes) -> bytes:

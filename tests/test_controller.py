@@ -276,15 +276,20 @@ def test_broken_config(root, text, problem):
         controller.load()
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 from the test root CA, and its key."""
+def https_files(directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 from the test root CA, and its key, written in `directory`."""
     ca = testca.shared().root
     key = testca.new_key()
     cert = ca.issue(key.public_key(), "127.0.0.1", sans=[testca.ip("127.0.0.1")])
-    (tmp_path / "server.crt").write_bytes(testca.pem(cert))
-    (tmp_path / "server.key").write_bytes(testca.key_pem(key))
-    return str(tmp_path / "server.crt"), str(tmp_path / "server.key")
+    (directory / "server.crt").write_bytes(testca.pem(cert))
+    (directory / "server.key").write_bytes(testca.key_pem(key))
+    return str(directory / "server.crt"), str(directory / "server.key")
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 from the test root CA, and its key."""
+    return https_files(tmp_path)
 
 
 def install_agent_ca(root: Path, authority: testca.Authority) -> None:

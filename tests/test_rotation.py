@@ -10,6 +10,7 @@ tests/e2e/test_rotation_e2e.py.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import signer
 import testca
 from cryptography import x509
 from fakecontroller import EXPIRY_ALERT_PERIOD, FakeController
-from test_controller import write_conf
+from test_controller import https_files, write_conf
 
 from keystore import content
 from kvmhook import pki
@@ -348,3 +349,21 @@ def test_no_signer_and_no_controller_is_a_clear_error(host):
     result = kvmhook("cert", "renew")
     assert result.returncode == 1
     assert "nobody to sign the new certificate: give --signer CMD" in result.stderr
+
+
+def test_agent_dir_holds_the_ca_that_verifies_the_controller(host, tmp_path):
+    """--agent-dir moves the CA file controller.conf's default `verify` names, as it moves
+    every other agent file: an HTTPS controller is verified with that directory's cloud.ca.crt."""
+    moved = tmp_path / "agent"
+    shutil.move(str(host.agent), str(moved))
+    with FakeController(tls=https_files(tmp_path)) as fake:
+        fake.add_host("kvm1.example.org")
+        fake.ca = host.ca
+        (host.root / "etc/kvmhook").mkdir()
+        write_conf(host.root, [fake.url])
+        old = x509.load_pem_x509_certificate((moved / "cloud.crt").read_bytes())
+        result = kvmhook("cert", "renew", "--agent-dir", str(moved), "--controller")
+    assert result.returncode == 0, result.stderr
+    assert "issueCertificate" in fake.commands
+    new = x509.load_pem_x509_certificate((moved / "cloud.crt").read_bytes())
+    assert new.serial_number != old.serial_number

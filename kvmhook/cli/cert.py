@@ -167,16 +167,18 @@ def renew(
     if signer is not None:
         chosen = functools.partial(signers.command_signer, signer)
     elif use_controller:
-        chosen = signers.controller_signer
+        chosen = functools.partial(signers.controller_signer, agent_dir)
     else:
-        chosen = signers.default_signer
+        chosen = functools.partial(signers.default_signer, agent_dir)
     say = functools.partial(click.echo, err=True)
     _report(
         lambda: _renewal(
             rotation.renew(
                 agent_dir,
                 chosen,
-                functools.partial(rotation.alert_period, say) if within == "auto" else within,
+                functools.partial(rotation.alert_period, agent_dir, say)
+                if within == "auto"
+                else within,
                 reload=reload,
                 allow_restart=allow_restart,
                 dry_run=dry_run,
