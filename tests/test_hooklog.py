@@ -253,3 +253,53 @@ def test_hooklog_unwritable_says_why_once_on_stderr(tmp_path, capsys):
     assert captured.err.count("cannot write the log") == 1
     assert str(path) in captured.err
     assert "Is a directory" in captured.err
+
+
+# --- the format read back --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "timed_out_after", "exit", "signal"),
+    [
+        ("exit 0", None, 0, None),
+        ("exit 7", None, 7, None),
+        ("killed by SIGSEGV", None, None, "SIGSEGV"),
+        ("killed by SIGTERM", 1.5, None, "SIGTERM"),
+        ("still alive after SIGKILL, left behind", 600.0, None, None),
+    ],
+)
+def test_end_text_reads_back_as_written(how, timed_out_after, exit, signal):
+    """parse_end() gives back what end_text() wrote: how, duration, timeout, exit, signal."""
+    text = hooklog.end_text(how, 2.5, timed_out_after)
+    kind, _, body = text.partition(": ")
+    assert kind == hooklog.END
+    ending = hooklog.parse_end(body)
+    assert ending is not None
+    assert (ending.how, ending.duration, ending.timed_out) == (how, 2.5, bool(timed_out_after))
+    assert (ending.exit, ending.signal) == (exit, signal)
+
+
+def test_end_text_of_a_script_that_never_started_is_not_an_ending():
+    """A script that could not start has an `end:` record that says why, and no numbers."""
+    text = hooklog.end_text("cannot execute: Permission denied")
+    assert text == "end: cannot execute: Permission denied"
+    assert hooklog.parse_end(text.partition(": ")[2]) is None
+
+
+def test_start_and_end_records_parse_back_as_records(tmp_path):
+    """A record HookLog wrote parses back to its fields, the kind first in its text."""
+    path = tmp_path / "hook.log"
+    log = HookLog(str(path), "my vm", "start", "begin")
+    log.record("all_x", hooklog.start_text(["/c/all_x", "my vm", "start"], 600.0))
+    log.record("all_x", hooklog.end_text("exit 0", 0.5))
+    log.close()
+    start, end = (hooklog.parse(line) for line in path.read_text().splitlines())
+    assert (start.domain, start.operation, start.subop, start.script) == (
+        "my vm",
+        "start",
+        "begin",
+        "all_x",
+    )
+    assert (start.kind, end.kind) == (hooklog.START, hooklog.END)
+    assert start.body == '/c/all_x "my vm" start (timeout 600s)'
+    assert hooklog.parse_end(end.body).exit == 0
