@@ -71,9 +71,11 @@ def read() -> "HookConf | None":
     its strerror, when it is not a regular file (a FIFO would block the hook) or
     is larger than MAX_SIZE.
     """
+    path = paths.kvmhook_conf()
+    if not os.path.lexists(path):
+        return None  # most hosts: one lstat, and readfile's import is never paid
     from kvmhook import readfile
 
-    path = paths.kvmhook_conf()
     try:
         return HookConf(path, readfile.read(path, MAX_SIZE))
     except FileNotFoundError:

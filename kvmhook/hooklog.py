@@ -260,26 +260,32 @@ def _open_log(path: str) -> int:
     or not a regular file, or a directory that others can write to (they
     could put a link or a FIFO in its place).
     """
-    from kvmhook.readfile import RefusedFile
-
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o750, exist_ok=True)
     if os.stat(directory).st_mode & stat.S_IWOTH:
-        raise RefusedFile(path, f"its directory {directory} is writable by others")
+        raise _refused(path, f"its directory {directory} is writable by others")
     try:
         fd = os.open(path, _LOG_FLAGS, 0o640)
     except OSError as error:
         import errno
 
         if error.errno == errno.ELOOP and os.path.islink(path):
-            raise RefusedFile(path, "it is a symbolic link") from None
+            raise _refused(path, "it is a symbolic link") from None
         if error.errno == errno.ENXIO:  # a FIFO without a reader, a socket, a device
-            raise RefusedFile(path, "not a regular file") from None
+            raise _refused(path, "not a regular file") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise RefusedFile(path, "not a regular file")
+        raise _refused(path, "not a regular file")
     return fd
+
+
+def _refused(path: str, reason: str) -> OSError:
+    """readfile.RefusedFile, imported only when the log is refused: the hook pays for that
+    module on every call otherwise."""
+    from kvmhook.readfile import RefusedFile
+
+    return RefusedFile(path, reason)
 
 
 def _timestamp() -> str:
