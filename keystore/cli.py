@@ -13,17 +13,8 @@ from typing import Callable
 import click
 
 from keystore import content
-from kvmhook import (
-    agentkeystore,
-    certimport,
-    exitcodes,
-    files,
-    keysetup,
-    locks,
-    pki,
-    startup,
-    virtadmin,
-)
+from kvmhook import exitcodes, files, locks
+from kvmhook.certs import agentkeystore, certimport, keysetup, pki, startup, virtadmin
 from kvmhook.cli.options import DAYS, with_exit_codes
 from kvmhook.errors import KeystoreBusyError, KeystoreError, KvmhookError
 

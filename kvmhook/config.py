@@ -11,7 +11,7 @@ import configparser
 
 from kvmhook import limits, paths
 from kvmhook.errors import ConfigError
-from kvmhook.operations import ABORTABLE, BY_NAME
+from kvmhook.hook.operations import ABORTABLE, BY_NAME
 
 # What each syntax error means, most specific first; each knows the line it found wrong.
 _SYNTAX_PROBLEMS = (
@@ -49,7 +49,9 @@ def load() -> Config:
 
     Raises ConfigError naming the file, and the line when its syntax is wrong.
     """
-    from kvmhook import hookconf  # one reader for the hook and the CLI: bounded, never blocking
+    from kvmhook.hook import (
+        hookconf,  # one reader for the hook and the CLI: bounded, never blocking
+    )
 
     path = paths.kvmhook_conf()
     try:

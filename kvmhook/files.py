@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import NamedTuple
 
-from kvmhook.process import write_all
+from kvmhook.hook.process import write_all
 
 _JOURNAL = ".kvmhook-{}.journal"
 _FAULT = "KVMHOOK_TEST_FAULT"

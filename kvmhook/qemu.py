@@ -15,15 +15,16 @@ guest start.
 import os
 import sys
 
-from kvmhook import dispatch, hookconf, paths
-from kvmhook.hooklog import HookLog, say
-from kvmhook.operations import BY_NAME, Event
+from kvmhook import paths
+from kvmhook.hook import discovery, hookconf
+from kvmhook.hook.hooklog import HookLog, say
+from kvmhook.hook.operations import BY_NAME, Event
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from kvmhook.hookconf import HookConf, Limits
+    from kvmhook.hook.hookconf import HookConf, Limits
 
 
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
     hoststate), `prepare` and `migrate` return 1, so libvirt refuses the guest;
     with admission control on, `prepare` returns 1 for a guest that does not fit
     (see admission); with the veto policy on, an operation it covers returns 1
-    when a custom script fails (see dispatch.run_hook).
+    when a custom script fails (see hook.dispatch.run_hook).
 
     `timeout` is the launcher's `timeoutSeconds`: seconds each custom script
     may run. KVMHOOK_TIMEOUT overrides it (see hookconf.limits).
@@ -91,7 +92,28 @@ def _run(args: list[str], settings: "Limits", log: HookLog) -> int:
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
         return _admit(event, conf, log, settings, stdin_fd, abort)
-    return _finish(dispatch.run_hook(event, log, settings, stdin_fd, abort))
+    return _run_scripts(event, log, settings, stdin_fd, abort)
+
+
+def _run_scripts(
+    event: Event, log: HookLog, settings: "Limits", stdin_fd: "int | None", abort: bool
+) -> int:
+    """The custom scripts for `event`, run by dispatch only when there is something to run:
+    most calls have none, and need not pay for importing the chain runner."""
+    found = discovery.find(paths.custom_dir(), event, log, abort)
+    if not found.runs_anything(abort):
+        return 0
+    from kvmhook.hook import dispatch
+
+    chain = dispatch.run_hook(event, found, log, settings, stdin_fd, abort)
+    if chain.veto is not None:
+        say("\n".join(chain.veto))
+        return 1
+    if chain.xml is not None:
+        from kvmhook.hook.process import write_all  # loaded already: a rewrite means scripts ran
+
+        write_all(1, chain.xml)
+    return 0
 
 
 def _conf(log: HookLog) -> "HookConf | None":
@@ -121,18 +143,6 @@ def _aborts(operation: str, conf: "HookConf", log: HookLog) -> bool:
         return False
 
 
-def _finish(chain: dispatch.Chain) -> int:
-    """The exit status for libvirt, after the veto's reason on stderr or the new XML on stdout."""
-    if chain.veto is not None:
-        say("\n".join(chain.veto))
-        return 1
-    if chain.xml is not None:
-        from kvmhook.process import write_all  # loaded already: a rewrite means scripts ran
-
-        write_all(1, chain.xml)
-    return 0
-
-
 def _admit(
     event: Event,
     conf: "HookConf",
@@ -143,7 +153,7 @@ def _admit(
 ) -> int:
     """`prepare` with kvmhook.conf: a guest that does not fit is refused (exit 1, the
     numbers on stderr) before any script runs; otherwise the scripts run on the XML read once."""
-    from kvmhook import admission
+    from kvmhook.host import admission
 
     outcome = admission.check(event.domain, conf, stdin_fd, log)
     try:
@@ -151,7 +161,7 @@ def _admit(
             log.record("-", f"refused: {outcome.refusal}; no scripts run")
             say(outcome.refusal)
             return 1
-        return _finish(dispatch.run_hook(event, log, settings, outcome.stdin_fd, abort))
+        return _run_scripts(event, log, settings, outcome.stdin_fd, abort)
     finally:
         outcome.close()
 
@@ -159,7 +169,7 @@ def _admit(
 def _refused_for_maintenance(log: HookLog) -> bool:
     """In maintenance, a guest arriving (start, incoming migration) is refused, with the reason
     on stderr for libvirt to show; nothing else (reconnect above all) is ever blocked."""
-    from kvmhook import hoststate
+    from kvmhook.host import hoststate
 
     state, _ = hoststate.read(lambda problem: log.record("-", f"maintenance: {problem}"))
     if state not in hoststate.REFUSING:

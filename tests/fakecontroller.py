@@ -2,7 +2,7 @@
 
 It is not a management server: it knows one API key, a few hosts, clusters
 and capacity records set up by the test, and only what the controller
-client (kvmhook.controller) asks. What it covers, after the API reference
+client (kvmhook.host.controller) asks. What it covers, after the API reference
 and the management server's own code (ApiServer):
 
 - commands: listHosts (by id, name, type), listClusters (by id), listCapacity

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_TEMPLATE = REPO / "kvmhook" / "data" / "qemu-hook"
 # Issue 2's lists, written out here rather than imported, so a change in
-# kvmhook.operations or kvmhook.discovery is caught by the tests.
+# kvmhook.hook.operations or kvmhook.hook.discovery is caught by the tests.
 OPERATIONS = (
     "prepare",
     "start",

@@ -4,7 +4,7 @@ Host figures come from a monkeypatched psutil (2 cores, 2 GiB unless a test
 says otherwise) and guests from a fake source, except where libvirt's test
 driver (`test:///default`: one running guest `test`, 2 vCPUs, 8 GiB) serves
 as the real, read-only source. The controller is always a fake: the client
-lives in kvmhook/controller.py.
+lives in kvmhook/host/controller.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import psutil
 import pytest
 from sandbox import cli_runner
 
-import kvmhook
-from kvmhook import capacity, config, virt
+import kvmhook.host
+from kvmhook import config
 from kvmhook.cli.capacity import capacity as capacity_command
 from kvmhook.errors import ConfigError, ControllerError, FactorError, VirtError
+from kvmhook.host import capacity, virt
 
 GIB = 2**30
 TEST_URI = "test:///default"
@@ -456,9 +457,9 @@ def test_factor_of_exactly_4_does_not_warn(small_host, uris, no_controller):
 def test_controller_ratios_asks_the_configured_controller(monkeypatch):
     """controller_ratios() is None without a controller and the cluster's ratios with one."""
     client = types.SimpleNamespace(overcommit_ratios=lambda: (3.0, 1.5))
-    fake = types.ModuleType("kvmhook.controller")
-    monkeypatch.setitem(sys.modules, "kvmhook.controller", fake)
-    monkeypatch.setattr(kvmhook, "controller", fake, raising=False)
+    fake = types.ModuleType("kvmhook.host.controller")
+    monkeypatch.setitem(sys.modules, "kvmhook.host.controller", fake)
+    monkeypatch.setattr(kvmhook.host, "controller", fake, raising=False)
     fake.load = lambda: None
     assert capacity.controller_ratios() is None
     fake.load = lambda: client

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from keystore import content
-from kvmhook import agentkeystore, agentproperties, pki
+from kvmhook.certs import agentkeystore, agentproperties, pki
 
 KVMHOOK = Path(sys.executable).parent / "kvmhook"
 PASSPHRASE = "s3cret-pass"

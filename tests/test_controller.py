@@ -19,8 +19,8 @@ import testca
 from fakecontroller import BAD_SIGNATURE, FakeController, signature
 from urllib3.exceptions import InsecureRequestWarning
 
-from kvmhook import controller
 from kvmhook.errors import ControllerError, ControllerUnreachable
+from kvmhook.host import controller
 from kvmhook.hostname import fqdn
 
 HOST = "kvm1.example.org"

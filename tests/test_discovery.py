@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sandbox import LEFTOVERS
 
-from kvmhook import discovery
 from kvmhook.errors import CustomDirError
+from kvmhook.hook import discovery
 
 CUSTOM = "/custom"
 

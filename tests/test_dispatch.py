@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvmhook import dispatch, paths, process
-from kvmhook.discovery import Script
+from kvmhook import paths
+from kvmhook.hook import dispatch, process
+from kvmhook.hook.discovery import Script
 
 # --- a script's run ----------------------------------------------------------------
 

@@ -12,8 +12,9 @@ import pytest
 from sandbox import cli_runner
 
 from keystore import cli as keystore_cli
-from kvmhook import errors, exitcodes, hoststate
+from kvmhook import errors, exitcodes
 from kvmhook.cli import main
+from kvmhook.host import hoststate
 
 # The contract, written out rather than read from the code under test: each command's
 # codes, each with the first word of its meaning (a swapped meaning is a broken script).
@@ -140,7 +141,7 @@ def test_each_error_exits_with_its_code(error, code):
 )
 def test_cert_renew_and_rollback_exit_3_and_4(monkeypatch, tmp_path, command, error, code):
     """A renewal or rollback rolled back exits 3, one whose rollback failed 4, on one line."""
-    from kvmhook import rotation
+    from kvmhook.certs import rotation
 
     def fail(*_args: object, **_kwargs: object) -> str:
         raise error

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmhook.hooklog import HookLog
+from kvmhook.hook.hooklog import HookLog
 
 # Written out rather than imported, so that a change in kvmhook is caught here:
 # the chained hook's name (the packages make that link), virsh's limit on an XML
@@ -564,7 +564,7 @@ def test_without_any_private_directory_scripts_run_without_the_rewrite_file(host
 
 def test_a_log_locked_for_ever_delays_the_hook_once_never_blocks_it(host):
     """A process holding the log's flock for ever costs the hook one LOCK_WAIT, not a hang."""
-    from kvmhook.hooklog import LOCK_WAIT
+    from kvmhook.hook.hooklog import LOCK_WAIT
 
     recorder(host, "all_10-a")
     recorder(host, "all_20-b")

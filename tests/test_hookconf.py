@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kvmhook import hookconf
+from kvmhook.hook import hookconf
 
 # --- limits from the launcher's value and the environment ----------------------
 

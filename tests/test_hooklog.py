@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmhook import hooklog
-from kvmhook.hooklog import HookLog, clean, output_lines, quote
+from kvmhook.hook import hooklog
+from kvmhook.hook.hooklog import HookLog, clean, output_lines, quote
 
 SAFE = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+@,/%"
 

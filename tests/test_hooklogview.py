@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmhook.cli import main
-from kvmhook.hooklog import BadRecord, parse, quote
+from kvmhook.hook.hooklog import BadRecord, parse, quote
 
 TIMEOUTS = {"KVMHOOK_TIMEOUT": "0.5", "KVMHOOK_TERM_GRACE": "0.2"}
 

@@ -25,9 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sandbox import cli_runner
 
-from kvmhook import hooklog, hooklogview
 from kvmhook.cli import main
-from kvmhook.hooklog import quote
+from kvmhook.hook import hooklog, hooklogview
+from kvmhook.hook.hooklog import quote
 
 # What a terminal would act on: C0 controls but newline, DEL, C1 controls, line
 # and paragraph separators, bidi controls.

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kvmhook import hoststate
+from kvmhook.host import hoststate
 
 ARRIVING = ("prepare", "migrate")
 NEVER_BLOCKED = ("start", "started", "stopped", "release", "restore", "reconnect", "attach")

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from keystore import cli, content
-from kvmhook import agentkeystore, agentproperties, files, hostname, keysetup, paths, pki
+from kvmhook import files, hostname, paths
+from kvmhook.certs import agentkeystore, agentproperties, keysetup, pki
 
 BIN = Path(sys.executable).parent
 SETUP = BIN / "keystore-setup"

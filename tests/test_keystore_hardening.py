@@ -32,7 +32,7 @@ from test_keystore import (
     snapshot,
 )
 
-from kvmhook import agentkeystore, agentproperties
+from kvmhook.certs import agentkeystore, agentproperties
 from kvmhook.errors import KeystoreError
 
 PROBE = Path(__file__).parent / "java" / "PropertiesProbe.java"

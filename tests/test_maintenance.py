@@ -1,7 +1,7 @@
 """Host maintenance: the state machine, the standalone drain, controller mode, the command.
 
 libvirt and the controller are fakes here (FakeHosts, FakeController),
-each standing in for exactly what kvmhook.maintenance asks of them; the
+each standing in for exactly what kvmhook.host.maintenance asks of them; the
 state file is the real one under a temporary KVMHOOK_ROOT. Real drains are
 tests/e2e/test_maintenance.py's job.
 """
@@ -21,9 +21,6 @@ from pathlib import Path
 import pytest
 from sandbox import cli_runner
 
-from kvmhook import hoststate, virt
-from kvmhook import maintenance as host_maintenance
-from kvmhook import migrate as migration
 from kvmhook.cli.maintenance import maintenance as maintenance_command
 from kvmhook.errors import (
     ControllerError,
@@ -38,6 +35,9 @@ from kvmhook.errors import (
     StateFileError,
     VirtError,
 )
+from kvmhook.host import hoststate, virt
+from kvmhook.host import maintenance as host_maintenance
+from kvmhook.host import migrate as migration
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -113,7 +113,7 @@ class FakeHosts:
 
 
 class FakeController:
-    """kvmhook.controller.Controller's maintenance calls; `states` are what resource_state
+    """kvmhook.host.controller.Controller's maintenance calls; `states` are what resource_state
     answers in turn (the last one for ever), `error` what every call raises."""
 
     def __init__(self, states=(PREPARE,), name="kvm1", error=None):
@@ -202,7 +202,7 @@ def test_state_file_keeps_its_old_content_when_the_rename_fails(root, monkeypatc
 # Writes two states with a long reason, over and over, until killed.
 WRITER = """
 import sys
-from kvmhook import hoststate
+from kvmhook.host import hoststate
 reason = "guest-left " * 400
 sys.stdout.write("ready\\n")
 sys.stdout.flush()

@@ -19,8 +19,7 @@ import libvirt
 import pytest
 from sandbox import cli_runner
 
-from kvmhook import migrate as migration
-from kvmhook import tls, virt
+from kvmhook.certs import tls
 from kvmhook.cli.migrate import migrate as migrate_command
 from kvmhook.errors import (
     DomainNotFoundError,
@@ -29,6 +28,8 @@ from kvmhook.errors import (
     NotSecuredError,
     VirtError,
 )
+from kvmhook.host import migrate as migration
+from kvmhook.host import virt
 
 TEST_URI = "test:///default"
 # Nothing listens on port 1: a TLS connection there fails whatever /etc/pki holds.
@@ -461,7 +462,7 @@ def invoke(*args: str, **env: str):
 
 @pytest.fixture
 def secured_ends(monkeypatch):
-    """Both secured checks pass (the real ones need kvmhook.tls and a TLS destination)."""
+    """Both secured checks pass (the real ones need kvmhook.certs.tls and a TLS destination)."""
     monkeypatch.setattr(migration, "local_tls_problem", secured)
     monkeypatch.setattr(migration, "dest_tls_problem", secured_dest)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sandbox import OPERATIONS
 
-from kvmhook import operations
-from kvmhook.operations import Event
+from kvmhook.hook import operations
+from kvmhook.hook.operations import Event
 
 NAMES = {operation.name: operation for operation in operations.TABLE}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kvmhook.overprovision import Resource
+from kvmhook.host.overprovision import Resource
 
 
 def test_cpu_capacity_keeps_its_fraction():
@@ -37,7 +37,11 @@ def test_fits_up_to_the_capacity_and_not_beyond():
 def test_imports_nothing_the_hook_would_pay_for():
     """Admission loads it inside the hook: no dataclasses, typing, psutil or click."""
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, kvmhook.overprovision; print(' '.join(sys.modules))"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, kvmhook.host.overprovision; print(' '.join(sys.modules))",
+        ],
         capture_output=True,
         text=True,
         check=True,

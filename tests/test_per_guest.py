@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from sandbox import field
 
-from kvmhook import discovery
 from kvmhook.cli import main
+from kvmhook.hook import discovery
 
 
 def guest_dir(host, domain: str = "vm1", mode: int = 0o755):

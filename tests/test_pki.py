@@ -1,4 +1,4 @@
-"""Unit tests of kvmhook/pki.py, files.Transaction, keystore's content and agentproperties."""
+"""Unit tests of kvmhook/certs/pki.py, files.Transaction, keystore's content and agentproperties."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from keystore import content
-from kvmhook import agentproperties, files, pki
+from kvmhook import files
+from kvmhook.certs import agentproperties, pki
 from kvmhook.files import Transaction
 
 

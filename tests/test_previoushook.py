@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmhook.previoushook import is_cloudstack_hook
+from kvmhook.hook.previoushook import is_cloudstack_hook
 
-MODULE = Path(__file__).resolve().parents[1] / "kvmhook" / "previoushook.py"
+MODULE = Path(__file__).resolve().parents[1] / "kvmhook" / "hook" / "previoushook.py"
 # The shape of CloudStack's hook (its markers, its custom/all_* loop), not its code.
 CLOUDSTACK_LIKE = b"""#!/usr/bin/python3
 import os, subprocess, sys

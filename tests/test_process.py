@@ -1,6 +1,6 @@
 """How the hook runs each custom script: rules 6-10 of the hook's contract.
 
-Every test runs the real hook as a real process (or `kvmhook.process.run`
+Every test runs the real hook as a real process (or `kvmhook.hook.process.run`
 directly) on real scripts in a sandbox host root, and checks the log, the
 files the scripts leave behind, the processes still alive and the clock.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sandbox import field
 
-from kvmhook import process
+from kvmhook.hook import process
 
 ARGS = ("vm1", "start", "begin", "-")
 HOOK_COMMAND = (sys.executable, "-m", "kvmhook.qemu")

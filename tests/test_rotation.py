@@ -25,7 +25,7 @@ from fakecontroller import EXPIRY_ALERT_PERIOD, FakeController
 from test_controller import https_files, write_conf
 
 from keystore import content
-from kvmhook import pki
+from kvmhook.certs import pki
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "rotation-secret"

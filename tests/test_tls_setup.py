@@ -24,11 +24,11 @@ import testca
 from click.testing import CliRunner
 from cryptography import x509
 
-from kvmhook import certimport, startup, tls
+from kvmhook.certs import certimport, startup, tls
+from kvmhook.certs.libvirtconf import ConfFile
 from kvmhook.cli.tls import tls as tls_command
 from kvmhook.errors import TlsError
 from kvmhook.hostname import fqdn
-from kvmhook.libvirtconf import ConfFile
 
 DATA = Path(__file__).parent / "data" / "debian12"
 LIBVIRTD_CONF = "etc/libvirt/libvirtd.conf"

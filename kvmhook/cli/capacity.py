@@ -28,10 +28,10 @@ def _factor(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     """A factor flag out of limits.FACTOR_RANGE is a usage error (exit 2), not a failure."""
     if value is None:
         return None
-    import kvmhook.capacity
+    import kvmhook.host.capacity
 
     try:
-        return kvmhook.capacity.check_factor(value, "the factor")
+        return kvmhook.host.capacity.check_factor(value, "the factor")
     except FactorError as error:
         raise click.BadParameter(str(error), param=param) from None
 
@@ -66,11 +66,11 @@ def capacity(
     after over-provisioning (physical x factor), used by the running guests
     (their vCPUs and maximum memory, read from libvirt) and free."""
     # Imported here: loading libvirt-python costs every other command ~50 ms.
-    import kvmhook.capacity
+    import kvmhook.host.capacity
 
     try:
-        result = kvmhook.capacity.report(
-            source_uri, cpu_factor, mem_factor, controller=kvmhook.capacity.controller_ratios
+        result = kvmhook.host.capacity.report(
+            source_uri, cpu_factor, mem_factor, controller=kvmhook.host.capacity.controller_ratios
         )
     except KvmhookError as error:
         raise failure(str(error), exitcodes.of(error)) from None

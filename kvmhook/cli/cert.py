@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from kvmhook import certificates, exitcodes, limits, paths, pki
+from kvmhook import exitcodes, limits, paths
+from kvmhook.certs import certificates, pki
 
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from kvmhook import rotation
+    from kvmhook.certs import rotation
 from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option, failure, with_exit_codes
 from kvmhook.errors import KvmhookError
 
@@ -158,7 +159,7 @@ def renew(
     handshake on its TLS port must present the new serial; if not, the
     previous set is put back and reloaded. Renewals and rollbacks wait for
     each other (a lock in /run/kvmhook)."""
-    from kvmhook import rotation, signers
+    from kvmhook.certs import rotation, signers
 
     if signer is not None and use_controller:
         raise click.UsageError("--signer and --controller exclude each other: choose one signer")
@@ -206,7 +207,7 @@ def rollback(agent_dir: str | None, allow_restart: bool) -> None:
     checking it is whole and valid, and make the running daemon serve it
     (same checks and exit codes as renew). The set rolled back from becomes
     the FILE.prev set: rolling back again returns to it."""
-    from kvmhook import rotation
+    from kvmhook.certs import rotation
 
     say = functools.partial(click.echo, err=True)
     _report(lambda: _rolled_back(rotation.rollback(agent_dir, allow_restart, say=say)))
@@ -214,7 +215,7 @@ def rollback(agent_dir: str | None, allow_restart: bool) -> None:
 
 def _renewal(done: rotation.NotDue | rotation.DryRun | rotation.Renewed) -> str:
     """What a renewal did, in one line (a dry run: a few)."""
-    from kvmhook import rotation
+    from kvmhook.certs import rotation
 
     if isinstance(done, rotation.NotDue):
         return f"not due: {_describe(done.current)}; renewal starts {done.days} days before"
@@ -239,7 +240,7 @@ def _renewal(done: rotation.NotDue | rotation.DryRun | rotation.Renewed) -> str:
 
 def _rolled_back(done: rotation.RolledBack) -> str:
     """What a rollback did, in one line."""
-    from kvmhook import rotation
+    from kvmhook.certs import rotation
 
     cert = done.cert
     return (

@@ -9,12 +9,13 @@ from collections.abc import Callable
 
 import click
 
-from kvmhook import config, dispatch, hookconf, paths
+from kvmhook import config, paths
 from kvmhook.cli.options import with_exit_codes
-from kvmhook.discovery import discover
 from kvmhook.errors import ConfigError, CustomDirError
-from kvmhook.hooklog import HookLog
-from kvmhook.operations import BY_NAME, OPERATIONS, Event
+from kvmhook.hook import dispatch, hookconf
+from kvmhook.hook.discovery import discover, find
+from kvmhook.hook.hooklog import HookLog
+from kvmhook.hook.operations import BY_NAME, OPERATIONS, Event
 
 _operation_argument = click.argument(
     "operation", type=click.Choice(OPERATIONS), metavar="OPERATION"
@@ -88,7 +89,8 @@ def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> Non
     log = HookLog(paths.log_file(), domain, operation, subop, echo=sys.stderr)
     try:
         settings = _limits(lambda problem: log.record("-", f"config: {problem}"))
-        chain = dispatch.run_hook(event, log, settings, xml.fileno() if xml else None, abort)
+        found = find(paths.custom_dir(), event, log, abort)
+        chain = dispatch.run_hook(event, found, log, settings, xml.fileno() if xml else None, abort)
     finally:
         log.close()
     if chain.xml is not None:
@@ -173,7 +175,7 @@ def log(
     """Show script runs from the hook's log and its rotated siblings (oldest first):
     time, guest, operation, script, result and duration. A file or line that
     cannot be read is reported on stderr and skipped."""
-    from kvmhook import hooklogview
+    from kvmhook.hook import hooklogview
 
     keep = hooklogview.Filter(domain, operation, _since(since) if since else None)
     # Bytes, UTF-8 whatever the locale says: every string is printable() or JSON.
@@ -205,7 +207,7 @@ def log(
 
 def _since(text: str) -> datetime.datetime:
     """--since as a time, or a usage error (exit 2) saying what is accepted."""
-    from kvmhook import hooklogview
+    from kvmhook.hook import hooklogview
 
     try:
         return hooklogview.parse_since(text)

@@ -13,7 +13,7 @@ from kvmhook.cli.options import SECONDS, connect_option, failure, with_exit_code
 from kvmhook.errors import KvmhookError, MigrationError, PeersRequiredError
 
 if TYPE_CHECKING:  # the core loads libvirt-python: imported by the commands that use it
-    from kvmhook.maintenance import Hosts
+    from kvmhook.host.maintenance import Hosts
 
 
 @click.group()
@@ -62,21 +62,22 @@ def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> N
     With a controller: asks it to prepare the host (it picks the destinations)
     and records its answer for the hook; --wait follows it to Maintenance,
     showing the guests still running here."""
-    import kvmhook.maintenance
+    import kvmhook.host.maintenance
 
     hosts = _hosts(source_uri)
     try:
-        with kvmhook.maintenance.entering():
-            controller = kvmhook.maintenance.load_controller()
+        with kvmhook.host.maintenance.entering():
+            controller = kvmhook.host.maintenance.load_controller()
             if controller is None:
-                moved = kvmhook.maintenance.enter_standalone(hosts, _peers(to), timeout, click.echo)
-                outcome = (
-                    f"{kvmhook.maintenance.MAINTENANCE}: {len(moved)} guest(s) moved off this host"
+                moved = kvmhook.host.maintenance.enter_standalone(
+                    hosts, _peers(to), timeout, click.echo
                 )
+                state = kvmhook.host.maintenance.MAINTENANCE
+                outcome = f"{state}: {len(moved)} guest(s) moved off this host"
             else:
                 if to is not None:
                     raise click.UsageError("--to is for a host without a controller")
-                state = kvmhook.maintenance.enter_with_controller(
+                state = kvmhook.host.maintenance.enter_with_controller(
                     controller, hosts, wait, timeout, click.echo
                 )
                 outcome = f"the controller has the host in {state}"
@@ -93,15 +94,17 @@ def cancel() -> None:
 
     Standalone: from any maintenance state; a drain under way stops before its
     next guest. With a controller: asks it to cancel, and records its answer."""
-    import kvmhook.maintenance
+    import kvmhook.host.maintenance
 
     try:
-        controller = kvmhook.maintenance.load_controller()
+        controller = kvmhook.host.maintenance.load_controller()
         if controller is None:
-            left = kvmhook.maintenance.cancel_standalone()
-            outcome = f"{left} -> {kvmhook.maintenance.ENABLED}: this host accepts guests again"
+            left = kvmhook.host.maintenance.cancel_standalone()
+            outcome = (
+                f"{left} -> {kvmhook.host.maintenance.ENABLED}: this host accepts guests again"
+            )
         else:
-            state = kvmhook.maintenance.cancel_with_controller(controller)
+            state = kvmhook.host.maintenance.cancel_with_controller(controller)
             outcome = f"the controller has the host in {state}"
     except KvmhookError as error:
         raise _failure(error) from None
@@ -121,11 +124,11 @@ def status(as_json: bool, source_uri: str) -> None:
     the guests running here, and whether the host may now be removed or
     re-installed: only in Maintenance with no guest left, and for KVM with the
     agent service stopped first."""
-    import kvmhook.maintenance
+    import kvmhook.host.maintenance
 
     try:
-        found = kvmhook.maintenance.status(
-            kvmhook.maintenance.load_controller(), _hosts(source_uri)
+        found = kvmhook.host.maintenance.status(
+            kvmhook.host.maintenance.load_controller(), _hosts(source_uri)
         )
     except KvmhookError as error:
         raise _failure(error) from None
@@ -145,19 +148,19 @@ def status(as_json: bool, source_uri: str) -> None:
 
 
 def _hosts(source_uri: str) -> Hosts:
-    import kvmhook.maintenance
-    import kvmhook.migrate
+    import kvmhook.host.maintenance
+    import kvmhook.host.migrate
 
-    return kvmhook.maintenance.Hosts(
-        source_uri, kvmhook.migrate.Progress(sys.stdout, sys.stdout.isatty())
+    return kvmhook.host.maintenance.Hosts(
+        source_uri, kvmhook.host.migrate.Progress(sys.stdout, sys.stdout.isatty())
     )
 
 
 def _peers(to: str | None) -> list[str]:
-    import kvmhook.maintenance
+    import kvmhook.host.maintenance
 
     try:
-        return kvmhook.maintenance.parse_peers(to)
+        return kvmhook.host.maintenance.parse_peers(to)
     except MigrationError as error:
         raise click.BadParameter(str(error), param_hint="--to") from None
 

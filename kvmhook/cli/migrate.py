@@ -56,23 +56,23 @@ def migrate(
     (VIR_MIGRATE_TLS). Refuses when this host or the destination is not
     secured. Shows the progress while the migration runs."""
     # Imported here: loading libvirt-python costs every other command ~50 ms.
-    import kvmhook.migrate
+    import kvmhook.host.migrate
 
     try:
-        plan = kvmhook.migrate.make_plan(dest_host, live, bandwidth, allow_insecure)
+        plan = kvmhook.host.migrate.make_plan(dest_host, live, bandwidth, allow_insecure)
     except MigrationError as error:
         raise click.BadParameter(str(error), param_hint="DEST_HOST") from None
     if not plan.secure:
-        click.echo(kvmhook.migrate.INSECURE_WARNING, err=True)
+        click.echo(kvmhook.host.migrate.INSECURE_WARNING, err=True)
     try:
-        kvmhook.migrate.migrate(
+        kvmhook.host.migrate.migrate(
             domain,
             plan,
-            kvmhook.migrate.Progress(sys.stdout, tty=sys.stdout.isatty()),
+            kvmhook.host.migrate.Progress(sys.stdout, tty=sys.stdout.isatty()),
             source_uri=source_uri,
             timeout=timeout,
-            local_check=kvmhook.migrate.local_tls_problem,
-            dest_check=kvmhook.migrate.dest_tls_problem,
+            local_check=kvmhook.host.migrate.local_tls_problem,
+            dest_check=kvmhook.host.migrate.dest_tls_problem,
         )
     except KvmhookError as error:
         raise failure(str(error), exitcodes.of(error)) from None

@@ -7,8 +7,9 @@ from typing import Callable
 
 import click
 
-import kvmhook.tls
-from kvmhook import exitcodes, startup
+import kvmhook.certs.tls
+from kvmhook import exitcodes
+from kvmhook.certs import startup
 from kvmhook.cli.options import agent_dir_option, with_exit_codes
 from kvmhook.errors import KvmhookError
 
@@ -41,7 +42,7 @@ def status(agent_dir: str | None, as_json: bool) -> None:
     start-up listening for TLS; a TLS handshake on the TLS port with our CA
     and client certificate; qemu.conf's migration TLS. Exits 0 only when
     secured, 1 otherwise."""
-    result = kvmhook.tls.status(agent_dir)
+    result = kvmhook.certs.tls.status(agent_dir)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
@@ -68,7 +69,7 @@ def enable(restart: bool) -> None:
     nothing); each changed file keeps its previous content in FILE.bak.
     Refuses, changing nothing, when the certificate files are not
     installed."""
-    _switch(kvmhook.tls.enable, restart, listen=True)
+    _switch(kvmhook.certs.tls.enable, restart, listen=True)
 
 
 @tls.command(
@@ -81,10 +82,10 @@ def disable(restart: bool) -> None:
     Sets listen_tls = 0, takes --listen out or disables the TLS socket unit,
     and sets migrate_tls_force = 0 (when set). Each changed file keeps its
     previous content in FILE.bak."""
-    _switch(kvmhook.tls.disable, restart, listen=False)
+    _switch(kvmhook.certs.tls.disable, restart, listen=False)
 
 
-def _switch(action: Callable[[], kvmhook.tls.Change], restart: bool, listen: bool) -> None:
+def _switch(action: Callable[[], kvmhook.certs.tls.Change], restart: bool, listen: bool) -> None:
     try:
         change = action()
         _show(change, listen)
@@ -98,7 +99,7 @@ def _switch(action: Callable[[], kvmhook.tls.Change], restart: bool, listen: boo
         raise click.ClickException(str(error)) from None
 
 
-def _show(change: kvmhook.tls.Change, listen: bool) -> None:
+def _show(change: kvmhook.certs.tls.Change, listen: bool) -> None:
     click.echo(f"libvirt starts as: {change.startup.describe()}")
     for file in change.files:
         kept = f"; previous content in {file.backup}" if file.backup else " (new file)"

@@ -137,7 +137,7 @@ def test_file_list_matches_the_deb(rpm_file):
     for command in console_scripts():
         assert f"/usr/bin/{command}" in listing, command
     sitelib = sitelib_of(listing)
-    for module in ("kvmhook/qemu.py", "kvmhook/dispatch.py", "keystore/__init__.py"):
+    for module in ("kvmhook/qemu.py", "kvmhook/hook/dispatch.py", "keystore/__init__.py"):
         assert f"{sitelib}/{module}" in listing, module
     dist_info = [
         path for path in listing if re.fullmatch(SITELIB + r"/kvmhook-[^/]+\.dist-info", path)

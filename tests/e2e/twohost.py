@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from harness import CONTAINER_QEMU_CONF, GUEST_PREFIX, REPO
 
-from kvmhook.libvirtconf import ConfFile
+from kvmhook.certs.libvirtconf import ConfFile
 
 VENV_BIN = Path(sys.executable).parent  # the project's console scripts (installed editable)
 KVMHOOK = VENV_BIN / "kvmhook"

@@ -23,8 +23,8 @@ set is whole and valid) through the same steps 5 to 7.
 
 One lock (kvmhook.locks.certificates) serializes renewals, rollbacks and the
 keystore tools: a second one waits for the first. The signer comes from
-kvmhook.signers, the reload and its proof from kvmhook.serving, the checks of
-the sets from kvmhook.certificates. renew and rollback return what they did;
+kvmhook.certs.signers, the reload and its proof from kvmhook.certs.serving, the checks of
+the sets from kvmhook.certs.certificates. renew and rollback return what they did;
 `kvmhook cert` words it.
 """
 
@@ -41,17 +41,18 @@ from typing import Callable
 
 from cryptography import x509
 
-from kvmhook import (
+from kvmhook import locks, paths
+from kvmhook.certs import (
     agentkeystore,
     agentproperties,
     certificates,
     certimport,
     keysetup,
-    locks,
-    paths,
     pki,
     snapshot,
 )
+from kvmhook.certs.serving import Served, ServingPlan
+from kvmhook.certs.signers import Signer
 from kvmhook.errors import (
     ControllerError,
     KeystoreError,
@@ -62,8 +63,6 @@ from kvmhook.errors import (
     RotationError,
 )
 from kvmhook.files import Transaction
-from kvmhook.serving import Served, ServingPlan
-from kvmhook.signers import Signer
 
 # CloudStack's default ca.framework.cert.expiry.alert.period, in days.
 DEFAULT_WITHIN_DAYS = 15
@@ -119,7 +118,7 @@ def alert_period(agent_dir: str | None, say: Say) -> int:
     """Days before expiry to renew: the controller's ca.framework.cert.expiry.alert.period for
     this host's cluster when a controller is configured and answers, else 15. The controller
     is verified with `agent_dir`'s CA file (see controller.load)."""
-    from kvmhook import controller
+    from kvmhook.host import controller
 
     try:
         client = controller.load(agent_dir)

@@ -16,9 +16,10 @@ import time
 
 from cryptography import x509
 
-from kvmhook import hostname, paths, pki, startup, virtadmin
+from kvmhook import hostname, paths
+from kvmhook.certs import pki, startup, virtadmin
+from kvmhook.certs.libvirtconf import ConfFile, read, unquote
 from kvmhook.errors import CannotReloadOnlineError, KvmhookError, ReloadError, TlsError
-from kvmhook.libvirtconf import ConfFile, read, unquote
 
 TLS_PORT = 16514  # libvirt's default tls_port
 _HANDSHAKE_TIMEOUT = 5.0

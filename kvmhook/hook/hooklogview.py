@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO, Callable
 
-from kvmhook.hooklog import END, START, BadRecord, Record, parse, parse_end, without_surrogates
+from kvmhook.hook.hooklog import END, START, BadRecord, Record, parse, parse_end, without_surrogates
 
 Report = Callable[[str], None]
 

@@ -74,7 +74,7 @@ def read() -> "HookConf | None":
     path = paths.kvmhook_conf()
     if not os.path.lexists(path):
         return None  # most hosts: one lstat, and readfile's import is never paid
-    from kvmhook import readfile
+    from kvmhook.hook import readfile
 
     try:
         return HookConf(path, readfile.read(path, MAX_SIZE))
@@ -162,7 +162,7 @@ def launcher_timeout(path: str, complain: "Callable[[str], None]") -> "float | N
     or a huge file is refused, never waited on), has no such line or holds
     anything else: the default applies, as in the hook.
     """
-    from kvmhook import readfile
+    from kvmhook.hook import readfile
 
     try:
         text = readfile.read(path, LAUNCHER_MAX).decode("utf-8")

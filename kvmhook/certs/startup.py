@@ -20,8 +20,9 @@ import os
 import re
 import shlex
 
-from kvmhook import paths, process
+from kvmhook import paths
 from kvmhook.errors import TlsError
+from kvmhook.hook import process
 
 MONOLITHIC = "monolithic libvirtd"
 SOCKET = "socket-activated libvirtd"

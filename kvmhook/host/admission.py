@@ -8,7 +8,7 @@ one other than `off` is logged as a `config:` record):
     cpu_factor = 2
     mem_factor = 1
 
-Capacity is `kvmhook capacity`'s, by the same formula (kvmhook.overprovision):
+Capacity is `kvmhook capacity`'s, by the same formula (kvmhook.host.overprovision):
 logical CPUs x cpu_factor against vCPUs, physical memory x mem_factor against
 the guests' maximum memory (`<memory>`, not the balloon's `<currentMemory>`),
 each factor 1 when unset. The factors
@@ -45,21 +45,22 @@ mistake, not a reservation system.
 
 A broken kvmhook.conf, an unreadable XML or any error here never blocks a
 guest: it is logged and the guest is admitted. Standard library only;
-xml.etree and kvmhook.overprovision are imported only when admission is enforced.
+xml.etree and kvmhook.host.overprovision are imported only when admission is enforced.
 """
 
 from __future__ import annotations
 
 import os
 
-from kvmhook import paths, readfile
+from kvmhook import paths
+from kvmhook.hook import readfile
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
 
-    from kvmhook.hookconf import HookConf
-    from kvmhook.hooklog import HookLog
+    from kvmhook.hook.hookconf import HookConf
+    from kvmhook.hook.hooklog import HookLog
 
 ENFORCE = "enforce"
 OFF = "off"
@@ -169,7 +170,7 @@ def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float] | Non
 
 def _read_and_keep(fd: int) -> tuple[bytes, int]:
     """All of `fd` (the hook's stdin, read once), and a new descriptor replaying it from 0."""
-    from kvmhook import process
+    from kvmhook.hook import process
 
     stdin = process.Stdin(fd)
     try:
@@ -182,7 +183,7 @@ def _refusal(domain: str, xml: bytes, factors: tuple[float, float], log: HookLog
     """The message refusing `domain`, or None when it fits."""
     from xml.etree import ElementTree
 
-    from kvmhook import overprovision
+    from kvmhook.host import overprovision
 
     vcpus, memory = size(ElementTree.fromstring(xml))
     used_vcpus, used_memory = _running(domain, log)

@@ -14,7 +14,8 @@ import os
 
 from cryptography import x509
 
-from kvmhook import agentkeystore, agentproperties, paths, pki
+from kvmhook import paths
+from kvmhook.certs import agentkeystore, agentproperties, pki
 from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 

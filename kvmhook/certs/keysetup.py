@@ -13,11 +13,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from kvmhook import agentkeystore, agentproperties, limits
+from kvmhook import limits
+from kvmhook.certs import agentkeystore, agentproperties
+from kvmhook.certs.pki import PrivateKey, utcnow
 from kvmhook.errors import KeystoreError
 from kvmhook.files import Transaction
 from kvmhook.hostname import fqdn
-from kvmhook.pki import PrivateKey, utcnow
 
 MAX_VALIDITY_DAYS = limits.MAX_DAYS
 

@@ -19,7 +19,7 @@ import os
 import select
 import time
 
-from kvmhook.readfile import DOMAIN_XML_MAX, too_large
+from kvmhook.hook.readfile import DOMAIN_XML_MAX, too_large
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:

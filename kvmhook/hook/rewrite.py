@@ -57,7 +57,7 @@ class Outbox:
         when it is not a regular file (a FIFO, a link to /dev/zero) or is larger
         than a domain XML may be (readfile.DOMAIN_XML_MAX).
         """
-        from kvmhook import readfile
+        from kvmhook.hook import readfile
 
         try:
             return readfile.read(self.path, readfile.DOMAIN_XML_MAX)

@@ -8,17 +8,16 @@ and the record format `hooklog`'s.
 
 import os
 
-from kvmhook import paths
-from kvmhook.discovery import Script, custom_dir_error, discover
-from kvmhook.hooklog import HookLog, clean, end_text, output_lines, start_text
-from kvmhook.operations import BY_NAME, Event
+from kvmhook.hook.discovery import Found, Script
+from kvmhook.hook.hooklog import HookLog, clean, end_text, output_lines, start_text
+from kvmhook.hook.operations import BY_NAME, Event
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from kvmhook import process
-    from kvmhook.hookconf import Limits
+    from kvmhook.hook import process
+    from kvmhook.hook.hookconf import Limits
 
 # The qemu hook found at install, chained by the packages as this custom script
 # (a link to /etc/libvirt/hooks/qemu.pre-kvmhook). Written for libvirt, it prints
@@ -83,35 +82,26 @@ class Chain:
 
 def run_hook(
     event: Event,
+    found: Found,
     log: HookLog,
     settings: "Limits",
     stdin_fd: "int | None",
     abort: bool = False,
 ) -> Chain:
-    """Run the custom scripts for `event`, logging each; never raises for a script's sake.
+    """Run the scripts `found` for `event` (discovery.find), logging each; never raises for a
+    script's sake.
 
     `stdin_fd` is read once, only if a script is going to run, and replayed to
     every script (None: scripts get empty input). With `abort` (the veto
-    policy for this operation), the first script that fails, or cannot be
-    run, stops the chain and the result carries a veto.
+    policy for this operation), a broken file, or the first script that fails
+    or cannot be run, stops the chain and the result carries a veto.
     """
     chain = Chain()
-    directory = paths.custom_dir()
-    try:
-        scripts, ignored = discover(directory, event.operation, event.domain)
-    except custom_dir_error() as error:  # evaluated only when something was raised
-        log.record("-", f"no scripts run: {error}")
-        return chain
-    for item in ignored:
-        if item.notable:
-            log.record(item.name, f"ignored: {item.reason}")
-    broken = [item for item in ignored if item.broken]
-    if abort and broken:
-        _veto(chain, event, log, broken[0].name, broken[0].reason, len(scripts), [])
-    elif not scripts:
-        log.record("-", f"no scripts for {event.operation} in {directory}")
-    else:
-        _run_scripts(chain, scripts, event, settings, stdin_fd, log, abort)
+    broken = found.broken
+    if abort and broken is not None:
+        _veto(chain, event, log, broken.name, broken.reason, len(found.scripts), [])
+    elif found.scripts:
+        _run_scripts(chain, found.scripts, event, settings, stdin_fd, log, abort)
     return chain
 
 
@@ -125,7 +115,7 @@ def _run_scripts(
     abort: bool,
 ) -> None:
     # Imported only now: a hook with nothing to run skips what spawning costs.
-    from kvmhook import process
+    from kvmhook.hook import process
 
     try:
         stdin = process.Stdin(stdin_fd)
@@ -161,7 +151,7 @@ class _Rewrites:
     """
 
     def __init__(self, stdin: "process.Stdin", log: HookLog) -> None:
-        from kvmhook import rewrite
+        from kvmhook.hook import rewrite
 
         self.original = stdin.read()
         self.outbox: rewrite.Outbox | None = None
@@ -179,7 +169,7 @@ class _Rewrites:
 
     def after(self, run: ScriptRun, stdin: "process.Stdin", log: HookLog) -> "process.Stdin":
         """Take `run`'s rewrite, if any; the Stdin the next script reads."""
-        from kvmhook import process, rewrite
+        from kvmhook.hook import process, rewrite
 
         name = run.script.name
         data = self._taken(run)
@@ -202,7 +192,7 @@ class _Rewrites:
     def _taken(self, run: ScriptRun) -> "bytes | None":
         """`run`'s rewrite (None: none): the file at $KVMHOOK_XML_OUT, or what the
         previous hook printed. Sets `run.bad_rewrite` when it cannot be taken whole."""
-        from kvmhook import rewrite
+        from kvmhook.hook import rewrite
 
         data = None
         if self.outbox is not None:
@@ -290,14 +280,14 @@ def _run_one(
     log: HookLog,
     rewrites: "_Rewrites | None",
 ) -> ScriptRun:
-    from kvmhook import process
+    from kvmhook.hook import process
 
     argv = [script.path, *event.argv]
     log.record(script.name, start_text(argv, settings.timeout))
     xml_out = _stdout_is_xml(script, rewrites)
     cap = settings.max_output
     if xml_out:
-        from kvmhook.readfile import DOMAIN_XML_MAX
+        from kvmhook.hook.readfile import DOMAIN_XML_MAX
 
         cap += DOMAIN_XML_MAX  # room for the XML besides what is logged
     fd = stdin.open()

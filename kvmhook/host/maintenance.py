@@ -1,10 +1,10 @@
 """Host maintenance: the reference's state machine, and a drain of its own or the controller's.
 
-The states are CloudStack's resource states; kvmhook.hoststate keeps the
+The states are CloudStack's resource states; kvmhook.host.hoststate keeps the
 current one where the hook reads it. Without a controller (standalone), `enter`
 drains the host itself: PrepareForMaintenance first, so that the hook refuses
 arriving guests at once, then each running guest is live-migrated over TLS
-(kvmhook.migrate's plan, as `kvmhook migrate`) to the named peer with the most
+(kvmhook.host.migrate's plan, as `kvmhook migrate`) to the named peer with the most
 free memory, then Maintenance. With a controller, the controller decides and
 drains: this module asks it, waits, and records what it says in the state file
 so that the hook enforces the controller's state as well.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from kvmhook import hoststate, locks, migrate, paths, virt
+from kvmhook import locks, paths
 from kvmhook.errors import (
     DrainCancelledError,
     IllegalTransitionError,
@@ -32,7 +32,8 @@ from kvmhook.errors import (
     StateFileError,
     VirtError,
 )
-from kvmhook.hoststate import (
+from kvmhook.host import hoststate, migrate, virt
+from kvmhook.host.hoststate import (
     ENABLED,
     ERROR_IN_MAINTENANCE,
     ERROR_IN_PREPARE,
@@ -118,7 +119,7 @@ def _record(state: str, reason: str = "") -> None:
 class Hosts:
     """The guests running here, the peers' free memory, and migrations from here to them.
 
-    Through kvmhook.virt and kvmhook.migrate; tests hand in a fake.
+    Through kvmhook.host.virt and kvmhook.host.migrate; tests hand in a fake.
     """
 
     def __init__(self, uri: str, progress: migrate.Progress) -> None:
@@ -302,7 +303,8 @@ def _mib(count: int) -> str:
 
 
 class ControllerCalls(Protocol):
-    """What maintenance uses of kvmhook.controller's client; its failures are ControllerError."""
+    """What maintenance uses of the controller client (kvmhook.host.controller); its failures
+    are ControllerError."""
 
     def host(self) -> dict[str, Any]: ...
 
@@ -316,7 +318,7 @@ class ControllerCalls(Protocol):
 def load_controller() -> ControllerCalls | None:
     """The configured controller's client, or None when none is configured (standalone)."""
     # Imported here: only hosts run by a controller need its client.
-    from kvmhook import controller
+    from kvmhook.host import controller
 
     return controller.load()
 

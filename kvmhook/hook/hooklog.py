@@ -184,7 +184,7 @@ class HookLog:
             # `process` imported for the rest, which every hook call would pay for otherwise.
             written = os.write(fd, data)
             if written < len(data):
-                from kvmhook.process import write_all
+                from kvmhook.hook.process import write_all
 
                 write_all(fd, data[written:])
         except OSError as error:
@@ -283,7 +283,7 @@ def _open_log(path: str) -> int:
 def _refused(path: str, reason: str) -> OSError:
     """readfile.RefusedFile, imported only when the log is refused: the hook pays for that
     module on every call otherwise."""
-    from kvmhook.readfile import RefusedFile
+    from kvmhook.hook.readfile import RefusedFile
 
     return RefusedFile(path, reason)
 

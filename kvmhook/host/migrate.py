@@ -17,8 +17,9 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Optional, TextIO
 
-from kvmhook import tls, virt
+from kvmhook.certs import tls
 from kvmhook.errors import MigrationAbortedError, MigrationError, NotSecuredError, VirtError
+from kvmhook.host import virt
 
 POLL_SECONDS = 0.5
 PLAIN_EVERY_SECONDS = 5.0

@@ -20,10 +20,11 @@ import re
 import stat
 from typing import Callable
 
-from kvmhook import certificates, paths, serving, startup
+from kvmhook import paths
+from kvmhook.certs import certificates, serving, startup
+from kvmhook.certs.libvirtconf import CODEC, ConfFile, quote, read, unquote
 from kvmhook.errors import TlsError
 from kvmhook.files import Transaction
-from kvmhook.libvirtconf import CODEC, ConfFile, quote, read, unquote
 
 # libvirtd.conf's keys for its server files, and the files they must name.
 _SERVER_FILES = {
@@ -243,7 +244,7 @@ def _knows_tls_force(conf: ConfFile) -> bool:
     """Whether this libvirt has migrate_tls_force: its qemu.conf mentions it, or its version."""
     if _FORCE_KEY.search(conf.text()):
         return True
-    from kvmhook import virt  # only for a qemu.conf without libvirt's comments
+    from kvmhook.host import virt  # only for a qemu.conf without libvirt's comments
 
     return virt.library_version() >= _FORCE_SINCE
 

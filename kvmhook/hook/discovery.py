@@ -13,7 +13,12 @@ below a directory they could change, never runs: they could choose what runs.
 import os
 import stat
 
-from kvmhook.operations import OPERATIONS
+from kvmhook.hook.operations import OPERATIONS
+
+TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
+if TYPE_CHECKING:
+    from kvmhook.hook.hooklog import HookLog
+    from kvmhook.hook.operations import Event
 
 ALL = "all"  # prefix of scripts that run for every operation
 # Never run, as with run-parts: what editors and package managers leave behind.
@@ -96,6 +101,41 @@ def discover(
     scripts.sort(key=lambda item: item[:3])
     ignored.sort(key=lambda item: os.fsencode(item.name))
     return [item[3] for item in scripts], ignored
+
+
+class Found:
+    """What runs for one hook call: the scripts in order and the first broken file, if any.
+
+    `broken` (a file named to run that cannot be) fails the chain under the veto policy.
+    """
+
+    __slots__ = ("broken", "scripts")
+
+    def __init__(self, scripts: "list[Script]", broken: "Ignored | None") -> None:
+        self.scripts = scripts
+        self.broken = broken
+
+    def runs_anything(self, abort: bool) -> bool:
+        """Whether the chain has work: a script to run, or a broken file to veto on."""
+        return bool(self.scripts) or (abort and self.broken is not None)
+
+
+def find(directory: str, event: "Event", log: "HookLog", abort: bool) -> Found:
+    """discover() for `event`, with what the log says of it: a refused custom dir, each
+    notable ignored file, or that nothing runs. Never raises for the custom dir's sake."""
+    try:
+        scripts, ignored = discover(directory, event.operation, event.domain)
+    except custom_dir_error() as error:  # evaluated only when something was raised
+        log.record("-", f"no scripts run: {error}")
+        return Found([], None)
+    for item in ignored:
+        if item.notable:
+            log.record(item.name, f"ignored: {item.reason}")
+    broken = next((item for item in ignored if item.broken), None)
+    found = Found(scripts, broken)
+    if not found.runs_anything(abort):
+        log.record("-", f"no scripts for {event.operation} in {directory}")
+    return found
 
 
 def _guest_scripts(

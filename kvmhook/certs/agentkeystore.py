@@ -9,8 +9,8 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
 
+from kvmhook.certs.pki import PrivateKey
 from kvmhook.errors import KeystoreError
-from kvmhook.pki import PrivateKey
 
 ALIAS = "cloud"
 

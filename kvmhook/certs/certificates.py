@@ -17,7 +17,8 @@ import os
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from kvmhook import agentkeystore, agentproperties, paths, pki
+from kvmhook import paths
+from kvmhook.certs import agentkeystore, agentproperties, pki
 from kvmhook.errors import KvmhookError
 
 DEFAULT_WARN_DAYS = 30

@@ -1,6 +1,6 @@
 """This host's capacity: CPU and memory, physical, over-provisioned, used and free.
 
-The admin guide's over-provisioning, as kvmhook.overprovision computes it:
+The admin guide's over-provisioning, as kvmhook.host.overprovision computes it:
 capacity = physical x factor, per resource; used = what the running guests
 were given; free = capacity - used. CPU is counted in logical cores against
 vCPUs, memory in bytes. Free goes below 0 when the guests hold more than the
@@ -23,8 +23,9 @@ from typing import Any, Optional
 
 import psutil
 
-from kvmhook import config, limits, overprovision, virt
+from kvmhook import config, limits
 from kvmhook.errors import ControllerError, FactorError
+from kvmhook.host import overprovision, virt
 
 CPUINFO = "/proc/cpuinfo"
 # The admin guide's ceiling for XenServer. KVM sets none, but past it guests
@@ -220,7 +221,7 @@ def _config_factor(value: float | None) -> Factor:
 def controller_ratios() -> tuple[float, float] | None:
     """The controller's (cpu, memory) over-commit ratios; None when none is configured."""
     # Imported here: the controller client matters only when a flag leaves a factor open.
-    from kvmhook import controller
+    from kvmhook.host import controller
 
     client = controller.load()
     return None if client is None else client.overcommit_ratios()

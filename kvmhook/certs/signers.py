@@ -6,8 +6,9 @@ import os
 import tempfile
 from typing import Callable
 
-from kvmhook import paths, process
+from kvmhook import paths
 from kvmhook.errors import KeystoreError, RotationError
+from kvmhook.hook import process
 
 TIMEOUT = 120.0
 
@@ -30,7 +31,7 @@ def controller_signer(agent_dir: str | None = None) -> Signer:
 
     `agent_dir` holds the CA file that verifies the controller (see controller.load).
     """
-    from kvmhook import controller
+    from kvmhook.host import controller
 
     client = controller.load(agent_dir)
     if client is None:

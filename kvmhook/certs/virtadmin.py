@@ -11,8 +11,9 @@ import os
 import re
 import stat
 
-from kvmhook import paths, process
+from kvmhook import paths
 from kvmhook.errors import CannotReloadOnlineError, ReloadError
+from kvmhook.hook import process
 
 _UPDATE_TLS_SINCE = (6, 2, 0)  # virt-admin server-update-tls
 # How virt-admin or an older daemon says it has no server-update-tls.

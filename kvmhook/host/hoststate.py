@@ -33,7 +33,7 @@ def read(complain: "Callable[[str], None] | None" = None) -> "tuple[str, str]":
 
     Why a file that is there could not be read goes to `complain`, if given.
     """
-    from kvmhook import readfile
+    from kvmhook.hook import readfile
 
     path = paths.maintenance_state()
     try:
