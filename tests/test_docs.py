@@ -70,3 +70,38 @@ def test_the_readme_opens_with_the_two_commands():
     first_block = text.split("```", 2)[1]
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()[1:]]
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+
+
+def module_map() -> dict[str, str]:
+    """The README's module map: each path it names (folder lines open a folder) and its text."""
+    text = (REPO / "README.md").read_text().split("## Development", 1)[1]
+    block = text.split("```", 2)[1]
+    named: dict[str, str] = {}
+    folder = ""
+    for line in block.splitlines():
+        match = re.match(r"^(\s*)(\S+)\s+(.*)$", line)
+        if not match:
+            continue
+        indent, name, what = match.groups()
+        if not indent:
+            folder = name if name.endswith("/") else ""
+            path = name
+        else:
+            path = folder + name
+        named[path] = what
+    return named
+
+
+def test_the_module_map_names_every_module_and_nothing_else():
+    """Every module of kvmhook/ and keystore/ has a line in the README map; every line exists."""
+    named = module_map()
+    modules = {
+        str(path.relative_to(REPO))
+        for package in ("kvmhook", "keystore")
+        for path in (REPO / package).rglob("*.py")
+        if path.name != "__init__.py" or path.parent.name == "cli"  # the cli group lives there
+    }
+    missing = sorted(modules - set(named))
+    assert not missing, f"modules without a line in the README's module map: {missing}"
+    for path in named:
+        assert (REPO / path.split(",")[0]).exists(), f"the module map names {path}, which is gone"

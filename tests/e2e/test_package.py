@@ -86,6 +86,12 @@ def test_package_installs_hook_custom_dir_logrotate_and_commands(clean_host, deb
     result = call_hook("pkgtest", "start", "begin", "-")
     assert (result.returncode, result.stdout) == (0, b"")
     assert "domain=pkgtest op=start subop=begin" in LOG.read_text()
+    # The operator's guide, uncompressed so its links between pages work.
+    doc = Path("/usr/share/doc/kvmhook")
+    assert (doc / "README.md").is_file() and (doc / "docs/hook.md").is_file()
+    # Every hook module the launcher needs is installed (the folders are packages too).
+    for package in ("hook", "certs", "host", "cli"):
+        assert Path(f"/usr/lib/python3/dist-packages/kvmhook/{package}/__init__.py").is_file()
 
 
 def test_installed_keystore_tools_run_on_the_distribution_libraries(clean_host, debs, tmp_path):
