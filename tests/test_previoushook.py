@@ -195,3 +195,95 @@ def test_wrong_arguments_are_a_usage_line_and_exit_2(tmp_path):
     )
     assert (result.returncode, result.stderr.count("\n")) == (2, 1)
     assert result.stderr.startswith("usage: previoushook.py ")
+
+
+# --- --restore: the launcher back after cloudstack-agent copied its hook over it ---------
+
+LAUNCHER = (Path(__file__).resolve().parents[1] / "kvmhook" / "data" / "qemu-hook").read_bytes()
+
+
+@pytest.fixture
+def restoring(hooks, tmp_path):
+    """HOOK (CloudStack's copy over the launcher), the packaged LAUNCHER, PREVIOUS, CHAIN and
+    REFERENCE (cloudstack-agent's file), as after cloudstack-agent's postinst."""
+    previous, chain, reference = hooks
+    hook, launcher = tmp_path / "qemu", tmp_path / "qemu-hook"
+    launcher.write_bytes(LAUNCHER)
+    reference.write_bytes(CLOUDSTACK_LIKE)
+    hook.write_bytes(CLOUDSTACK_LIKE)
+    return hook, launcher, previous, chain, reference
+
+
+def restore(hook, launcher, previous, chain, reference) -> subprocess.CompletedProcess:
+    """Run the file as the packages' triggers do."""
+    paths = [str(path) for path in (hook, launcher, previous, chain, reference)]
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(MODULE), "--restore", *paths],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+def test_restore_puts_the_launcher_back_and_keeps_cloudstacks_hook_aside(restoring):
+    """CloudStack's copy over the launcher: the launcher is back (0755), CloudStack's hook is
+    kept as PREVIOUS, unchained, in one line; a rerun changes and says nothing."""
+    hook, _, previous, chain, _ = restoring
+    os.chmod(hook, 0o700)
+    result = restore(*restoring)
+    assert result.returncode == 0, result.stderr
+    assert hook.read_bytes() == LAUNCHER and (hook.stat().st_mode & 0o7777) == 0o755
+    assert previous.read_bytes() == CLOUDSTACK_LIKE and not chain.is_symlink()
+    said = result.stderr.splitlines()
+    assert said[0].startswith(f"kvmhook: {hook} was CloudStack's qemu hook")
+    assert f"launcher is back, CloudStack's kept aside as {previous}, never chained" in said[0]
+    assert "timeoutSeconds is the default" in said[0]
+    assert not list(hook.parent.glob("*.kvmhook-new"))
+    again = restore(*restoring)
+    assert again.returncode == 0 and hook.read_bytes() == LAUNCHER
+    assert previous.read_bytes() == CLOUDSTACK_LIKE and "launcher is back" not in again.stderr
+
+
+def test_restore_replaces_an_older_cloudstack_hook_kept_aside(restoring):
+    """An older CloudStack hook kept aside is replaced by the one just copied: the newest."""
+    hook, _, previous, _, _ = restoring
+    previous.write_bytes(CLOUDSTACK_OLD_LIKE)
+    assert restore(*restoring).returncode == 0
+    assert previous.read_bytes() == CLOUDSTACK_LIKE and hook.read_bytes() == LAUNCHER
+
+
+def test_restore_keeps_a_hand_made_previous_hook_chained(restoring):
+    """A hand-made hook kept aside stays, chained; CloudStack's copy is only dropped (the
+    package still holds it) and the launcher is back."""
+    hook, _, previous, chain, _ = restoring
+    previous.write_bytes(HAND_MADE)
+    result = restore(*restoring)
+    assert result.returncode == 0, result.stderr
+    assert hook.read_bytes() == LAUNCHER and previous.read_bytes() == HAND_MADE
+    assert os.readlink(chain) == str(previous)
+    assert "kept aside" not in result.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("content", [LAUNCHER, HAND_MADE, b""])
+def test_restore_leaves_anything_but_cloudstacks_hook_alone(restoring, content):
+    """The launcher (with an operator's timeout), a hand-made hook or an empty file at HOOK is
+    never touched: the trigger may run before cloudstack-agent copies its hook, or twice."""
+    hook, _, previous, chain, _ = restoring
+    hook.write_bytes(content.replace(b"10 * 60", b"5"))
+    result = restore(*restoring)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert hook.read_bytes() == content.replace(b"10 * 60", b"5")
+    assert not previous.exists() and not chain.is_symlink()
+
+
+def test_restore_without_a_launcher_to_copy_is_one_line_and_exit_1(restoring, tmp_path):
+    """A missing packaged launcher leaves CloudStack's hook in place: one line, exit 1."""
+    hook, _, previous, chain, reference = restoring
+    result = restore(hook, tmp_path / "gone", previous, chain, reference)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"kvmhook: cannot put the launcher back at {hook}: {tmp_path / 'gone'}:"
+        " missing, empty or not a regular file\n"
+    )
+    assert hook.read_bytes() == CLOUDSTACK_LIKE

@@ -17,6 +17,20 @@ is removed.
 Nothing here may hang or fail an install: only a regular file is read (a
 FIFO, a device or a dangling link is not CloudStack's hook), and a failure is
 one line on stderr.
+
+cloudstack-agent's postinst copies its hook over /etc/libvirt/hooks/qemu on
+every configure. The packages' triggers (and their own configure) then run
+
+    python3 -I previoushook.py --restore HOOK LAUNCHER PREVIOUS CHAIN REFERENCE
+
+which puts kvmhook's launcher back when HOOK is CloudStack's hook, keeping
+that hook aside as PREVIOUS (unless PREVIOUS is a hand-made hook, which stays
+chained: CloudStack's copy is then dropped, the package still holds it as
+REFERENCE), and settles PREVIOUS as above. Anything else at HOOK is left
+alone, so running it again, or before CloudStack's copy, changes nothing.
+LAUNCHER is the pristine launcher the package ships: an operator's edited
+timeoutSeconds was lost with the file CloudStack copied over, so the default
+comes back, and the line printed says so.
 """
 
 from __future__ import annotations
@@ -89,6 +103,45 @@ def settle(previous: str, chain: str, reference: str) -> str | None:
     return None
 
 
+def restore(hook: str, launcher: str, previous: str, reference: str) -> str | None:
+    """Put `launcher` back at `hook` when CloudStack's hook is there, CloudStack's kept as
+    `previous` unless a hand-made hook is kept there; returns the line telling the operator
+    what was done, or None when `hook` is not CloudStack's.
+
+    Raises OSError when a file cannot be read or written.
+    """
+    if not is_cloudstack_hook(hook, reference):
+        return None
+    pristine = read_regular(launcher)
+    if not pristine:
+        raise OSError(0, "missing, empty or not a regular file", launcher)
+    kept = ""
+    if not os.path.lexists(previous) or is_cloudstack_hook(previous, reference):
+        _replace(previous, read_regular(hook) or b"")
+        kept = f", CloudStack's kept aside as {previous}"
+    _replace(hook, pristine)
+    return (
+        f"kvmhook: {hook} was CloudStack's qemu hook (copied by cloudstack-agent): kvmhook's"
+        f" launcher is back{kept}, never chained ({WHY}); timeoutSeconds is the default."
+    )
+
+
+def _replace(path: str, content: bytes) -> None:
+    """`path` holds `content`, mode 0755, at once: libvirtd never sees half a hook."""
+    temporary = f"{path}.kvmhook-new"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as sink:
+            sink.write(content)
+        os.fchmod(fd, 0o755)  # the umask may have taken bits away
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
 def _links_to(link: str, target: str) -> bool:
     try:
         return os.readlink(link) == target
@@ -97,18 +150,34 @@ def _links_to(link: str, target: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """The maintainer scripts' entry: 0 when settled, 1 when `chain` could not be changed."""
-    if len(argv) != 3:
-        sys.stderr.write("usage: previoushook.py PREVIOUS CHAIN REFERENCE\n")
+    """The maintainer scripts' entry: 0 when settled, 1 when a file could not be changed."""
+    if len(argv) == 6 and argv[0] == "--restore":
+        hook, launcher, previous, chain, reference = argv[1:]
+        try:
+            said = [restore(hook, launcher, previous, reference)]
+        except OSError as error:
+            sys.stderr.write(
+                f"kvmhook: cannot put the launcher back at {hook}:"
+                f" {error.filename}: {error.strerror}\n"
+            )
+            return 1
+    elif len(argv) == 3:
+        previous, chain, reference = argv
+        said = []
+    else:
+        sys.stderr.write(
+            "usage: previoushook.py PREVIOUS CHAIN REFERENCE"
+            " | --restore HOOK LAUNCHER PREVIOUS CHAIN REFERENCE\n"
+        )
         return 2
-    previous, chain, reference = argv
     try:
-        said = settle(previous, chain, reference)
+        said.append(settle(previous, chain, reference))
     except OSError as error:
         sys.stderr.write(f"kvmhook: cannot change {chain} for {previous}: {error.strerror}\n")
         return 1
-    if said:
-        sys.stderr.write(said + "\n")
+    for line in said:
+        if line:
+            sys.stderr.write(line + "\n")
     return 0
 
 
