@@ -341,3 +341,46 @@ def test_real_command_failure_exit_1_and_list(host, tmp_path):
         "timeout: 600s for each script (default)",
         "on failure: ignore for stopped (stopped can never abort)",
     ]
+
+
+# --- hooks list: the installed hook is not kvmhook's launcher ----------------------------
+
+NOT_LAUNCHER = "is not kvmhook's launcher"
+
+
+def test_list_warns_when_cloudstacks_hook_replaced_the_launcher(host):
+    """A hook copied over the launcher (cloudstack-agent's postinst does it) is named in one
+    warning, read and never run; the listing goes on."""
+    hook = host.root / "etc/libvirt/hooks/qemu"
+    ran = host.root / "ran"
+    hook.write_text(f"#!/bin/sh\ntouch {ran}\n# def handleMigrateBegin(\n")
+    os.chmod(hook, 0o755)
+    host.script("all_x", "true\n")
+    result = invoke(host, "list", "start")
+    assert result.exit_code == 0
+    warnings = [line for line in result.output.splitlines() if NOT_LAUNCHER in line]
+    assert warnings == [
+        f"warning: {hook} {NOT_LAUNCHER}: it is another program (CloudStack's hook, copied by"
+        " cloudstack-agent?); libvirt runs it, not kvmhook. Reinstalling kvmhook puts the"
+        " launcher back"
+    ]
+    assert f"run      {host.custom / 'all_x'}" in result.output.splitlines()
+    assert not ran.exists()
+
+
+def test_list_says_nothing_of_the_launcher_when_it_is_kvmhooks(host):
+    """kvmhook's launcher, its timeoutSeconds edited, or no hook file at all: no warning."""
+    assert NOT_LAUNCHER not in invoke(host, "list", "start").output
+    host.launcher("5")
+    assert NOT_LAUNCHER not in invoke(host, "list", "start").output
+
+
+def test_list_warns_when_the_hook_cannot_be_read(host):
+    """A FIFO in the hook's place is refused at once, and said to be no launcher."""
+    hook = host.root / "etc/libvirt/hooks/qemu"
+    os.mkfifo(hook)
+    result = invoke(host, "list", "start")
+    assert result.exit_code == 0
+    assert (
+        f"warning: {hook} {NOT_LAUNCHER}: it cannot be read (not a regular file)" in result.output
+    )

@@ -42,6 +42,7 @@ def list_(operation: str, domain: str | None) -> None:
     that would not, with the reason (like run-parts --test), what a failing
     script does under kvmhook.conf's [hooks] policy, and how long each may run."""
     _warn_qemu_d()
+    _warn_not_launcher()
     settings = _limits(lambda problem: click.echo(f"warning: {problem}", err=True))
     directory = paths.custom_dir()
     try:
@@ -132,6 +133,37 @@ def _timeout_source(settings: hookconf.Limits) -> str:
     if settings.timeout_from == "timeoutSeconds":
         return f"timeoutSeconds in {paths.hook_launcher()}"
     return settings.timeout_from  # KVMHOOK_TIMEOUT, or default
+
+
+# The line only kvmhook's launcher (kvmhook/data/qemu-hook) has, whatever its timeoutSeconds.
+_LAUNCHER_MARK = b"from kvmhook.qemu import main"
+# The launcher is under 2 KiB; CloudStack's hook a few: enough to tell them apart.
+_LAUNCHER_READ_LIMIT = 64 * 1024
+
+
+def _warn_not_launcher() -> None:
+    """One line on stderr if the installed qemu hook is not kvmhook's launcher
+    (cloudstack-agent's postinst copies its own over it): libvirt runs that one, and none
+    of this applies. Read as bytes, never executed; no file at all (a sandbox, or a host
+    without the package) says nothing."""
+    from kvmhook.hook import readfile
+
+    path = paths.hook_launcher()
+    try:
+        content = readfile.read(path, _LAUNCHER_READ_LIMIT)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        problem = f"it cannot be read ({error.strerror})"
+    else:
+        if _LAUNCHER_MARK in content:
+            return
+        problem = "it is another program (CloudStack's hook, copied by cloudstack-agent?)"
+    click.echo(
+        f"warning: {path} is not kvmhook's launcher: {problem}; libvirt runs it, not kvmhook."
+        " Reinstalling kvmhook puts the launcher back",
+        err=True,
+    )
 
 
 def _warn_qemu_d() -> None:
