@@ -162,3 +162,9 @@ def libvirt_admin_socket(daemon: str) -> str:
     """The admin socket a running `daemon` (libvirtd, virtproxyd) listens on for virt-admin."""
     name = "libvirt" if daemon == "libvirtd" else daemon
     return under_root(f"/run/libvirt/{name}-admin-sock")
+
+
+def sys_class_net() -> str:
+    """The network devices of this host, one entry each (`<dev>/bridge`, `<dev>/brif/` for a
+    bridge). Under KVMHOOK_ROOT too, so a test builds the tree it needs."""
+    return under_root("/sys/class/net")

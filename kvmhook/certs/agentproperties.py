@@ -1,4 +1,5 @@
-"""`keystore.passphrase=` in the agent's properties file, every other line kept byte for byte.
+"""`keystore.passphrase=` in the agent's properties file, every other line kept byte for byte;
+any other key read as the agent reads it (kvmhook.net.bridges: `guest.network.device`).
 
 The agent reads the file with Java's `Properties.load(InputStream)`: bytes
 are ISO-8859-1 characters, `\\` escapes, a line ending in an odd number of
@@ -56,7 +57,12 @@ def read(path: str) -> str | None:
 
 def passphrase(text: str) -> str | None:
     """The passphrase the agent would read, or None (an empty value counts as none)."""
-    values = [entry.value for entry in entries(text) if entry.key == KEY]
+    return value(text, KEY)
+
+
+def value(text: str, key: str) -> str | None:
+    """The value the agent reads for `key` (the last line wins), or None (empty counts as none)."""
+    values = [entry.value for entry in entries(text) if entry.key == key]
     return values[-1] if values and values[-1] else None
 
 

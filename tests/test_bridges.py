@@ -1,0 +1,180 @@
+"""The bridge rename at `migrate begin` (issue 14, item 1): the table, P, and the hook around it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmhook.net import bridges
+
+UUID = "7f3d2a9e-0000-4000-8000-000000000014"
+
+
+def domain(*interfaces: str) -> bytes:
+    return (
+        f"<domain type='kvm'><name>vm1</name><uuid>{UUID}</uuid><devices>"
+        + "".join(interfaces)
+        + "</devices></domain>\n"
+    ).encode()
+
+
+def bridge(name: str, kind: str = "bridge", quote: str = "'") -> str:
+    return (
+        f"<interface type={quote}{kind}{quote}><mac address='52:54:00:00:00:01'/>"
+        f"<source bridge={quote}{name}{quote}/><model type='virtio'/></interface>"
+    )
+
+
+def net_tree(root, devices: dict[str, list[str] | None]) -> None:
+    """<root>/sys/class/net as sysfs has it: a directory per device; a bridge (ports listed)
+    has `bridge/` and `brif/<port>`."""
+    for name, ports in devices.items():
+        device = root / "sys/class/net" / name
+        device.mkdir(parents=True)
+        if ports is not None:
+            (device / "bridge").mkdir()
+            (device / "brif").mkdir()
+            for port in ports:
+                (device / "brif" / port).mkdir()
+
+
+def agent(root, text: str) -> None:
+    path = root / "etc/cloudstack/agent/agent.properties"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """A host whose NIC is enp2s0, enslaved in cloudbr0, the guest network device."""
+    monkeypatch.setenv("KVMHOOK_ROOT", str(tmp_path))
+    net_tree(tmp_path, {"lo": None, "enp2s0": None, "cloudbr0": ["enp2s0", "vnet0", "vif1.0"]})
+    agent(tmp_path, "guest.network.device=cloudbr0\n")
+    return tmp_path
+
+
+def present(*names: str):
+    return lambda name: name in names
+
+
+@pytest.mark.parametrize(
+    ("name", "vlan"),
+    [
+        ("cloudVirBr100", "100"),  # old style: always renamed
+        ("brenp1s0-100", "100"),  # no device enp1s0 here
+        ("brenp2s0-100", None),  # device enp2s0 here: kept
+        ("brvx-5000", None),  # VXLAN: never
+        ("cloudbr0", None),  # any other name
+        ("virbr0", None),
+        ("brenp1s0-100x", None),  # the whole name must match
+        ("brenp1s0.5-100", None),  # a dot is no \w
+        ("brenp1s0-", None),
+        ("br-100", None),
+    ],
+)
+def test_every_row_of_the_table(name, vlan):
+    """Each row of the issue's table: cloudVirBr<V> renamed, br<D>-<V> renamed only without
+    a device D here, brvx- and every other name kept."""
+    assert bridges.vlan_to_rename(name, present("enp2s0", "cloudbr0")) == vlan
+
+
+def test_names_at_the_15_character_limit():
+    """A 15-character name (Linux's limit) is matched whole: kept or renamed by its D."""
+    assert len("brenp129s0f1-99") == 15
+    assert bridges.vlan_to_rename("brenp129s0f1-99", present("enp129s0f1")) is None
+    assert bridges.vlan_to_rename("brenp129s0f1-99", present()) == "99"
+    assert bridges.vlan_to_rename("cloudVirBr40950", present()) == "40950"
+
+
+def test_several_interfaces_renamed_in_place_every_other_byte_kept(here):
+    """Several interfaces: each renamed bridge gets br<P>-<V>, in both quote styles; the
+    others, a type='network' interface and one without source keep every byte."""
+    kept = [
+        bridge("brenp2s0-7"),
+        bridge("brvx-5000"),
+        "<interface type='network'><source network='default' bridge='virbr0'/></interface>",
+        "<interface type='user'><model type='virtio'/></interface>",
+    ]
+    xml = domain(
+        bridge("brenp1s0-100"), bridge("cloudVirBr200", quote='"'), bridge("brenp1s0-100"), *kept
+    )
+    said: list[str] = []
+    result = bridges.for_destination(xml, said.append)
+    assert result == domain(
+        bridge("brenp2s0-100"), bridge("brenp2s0-200", quote='"'), bridge("brenp2s0-100"), *kept
+    )
+    assert said == [
+        "network: bridge brenp1s0-100 renamed brenp2s0-100 "
+        "(guest.network.device=cloudbr0, its port: enp2s0)",
+        "network: bridge cloudVirBr200 renamed brenp2s0-200 "
+        "(guest.network.device=cloudbr0, its port: enp2s0)",
+    ]
+
+
+def test_type_network_with_a_new_style_bridge_follows_the_table(here):
+    """The table is about `<source bridge=B>` whatever the interface type."""
+    xml = domain(bridge("brenp1s0-100", kind="network"))
+    assert bridges.for_destination(xml, print) == domain(bridge("brenp2s0-100", kind="network"))
+
+
+def test_no_candidate_name_means_no_parse(here):
+    """XML without cloudVirBr or bridge='br… comes back as the same object, not even parsed
+    (it is not XML here, and nothing is said)."""
+    xml = b"<not xml at all: virbr0 cloudbr0"
+    said: list[str] = []
+    assert bridges.for_destination(xml, said.append) is xml
+    assert said == []
+
+
+def test_the_bridges_vlan_suffix_is_cut(here):
+    """P is the bridge's non-tap port with its .<vlan> suffix cut (cloudbr1 over bond0.20)."""
+    net_tree(here, {"bond0.20": None, "cloudbr1": ["vnet3", "bond0.20"]})
+    agent(here, "# agent\nguest.network.device = cloudbr1\n")
+    assert bridges.physical_device() == ("bond0", "guest.network.device=cloudbr1, its port")
+
+
+def test_a_device_that_is_no_bridge_is_p_itself(here):
+    """guest.network.device naming a NIC: P is that NIC."""
+    agent(here, "guest.network.device=enp2s0\n")
+    assert bridges.physical_device() == ("enp2s0", "guest.network.device=enp2s0")
+
+
+@pytest.mark.parametrize(
+    ("properties", "words"),
+    [
+        (None, "agent.properties does not exist"),
+        ("keystore.passphrase=x\n", "agent.properties sets no guest.network.device"),
+        ("guest.network.device=\n", "agent.properties sets no guest.network.device"),
+        ("guest.network.device=cloudbr9\n", "guest.network.device=cloudbr9: no such device in "),
+        ("guest.network.device=tapsonly\n", "bridge guest.network.device=tapsonly has no port"),
+    ],
+)
+def test_p_not_found_is_said_and_the_xml_kept(here, properties, words):
+    """Without P: one line saying why, naming the bridges, never the XML; the XML unchanged."""
+    net_tree(here, {"tapsonly": ["vnet0", "vif2.0"]})
+    path = here / "etc/cloudstack/agent/agent.properties"
+    path.unlink()
+    if properties is not None:
+        agent(here, properties)
+    xml = domain(bridge("brenp1s0-100"))
+    said: list[str] = []
+    assert bridges.for_destination(xml, said.append) is xml
+    assert len(said) == 1 and said[0].startswith("network: bridges brenp1s0-100 not renamed: ")
+    assert words in said[0] and UUID not in said[0]
+
+
+def test_nothing_to_rename_needs_no_p(tmp_path, monkeypatch):
+    """Every bridge kept (its D exists): P is never looked for, so no properties file is fine."""
+    monkeypatch.setenv("KVMHOOK_ROOT", str(tmp_path))
+    net_tree(tmp_path, {"enp1s0": None})
+    xml = domain(bridge("brenp1s0-100"))
+    said: list[str] = []
+    assert bridges.for_destination(xml, said.append) is xml
+    assert said == []
+
+
+def test_xml_that_does_not_parse_is_kept_and_said(here):
+    """A candidate name in XML that does not parse: kept, with the parser's reason."""
+    xml = b"<domain><source bridge='brenp1s0-100'>"
+    said: list[str] = []
+    assert bridges.for_destination(xml, said.append) is xml
+    assert said[0].startswith("network: bridges not renamed: the domain XML does not parse")
