@@ -7,7 +7,9 @@ exceptions are the operator's: a host in maintenance refuses arriving guests;
 with admission control on (kvmhook.conf) so does a full host; with the veto
 policy on (`[hooks] on_failure = abort`) a failing script aborts the
 operation. Its stdout, where libvirt expects new domain XML for migrate and
-restore, stays empty unless a script rewrote the XML (see rewrite). Imports
+restore, stays empty unless the XML changed: at `migrate begin` the guest's
+bridges are renamed for this host (see kvmhook.net.bridges), and a script may
+rewrite it (see rewrite). Imports
 are kept to the few the run needs: every millisecond here is paid on every
 guest start.
 """
@@ -92,20 +94,34 @@ def _run(args: list[str], settings: "Limits", log: HookLog) -> int:
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
         return _admit(event, conf, log, settings, stdin_fd, abort)
+    if _renames_bridges(event, conf, stdin_fd, log):
+        return _migrate_begin(event, log, settings, stdin_fd, abort)
     return _run_scripts(event, log, settings, stdin_fd, abort)
 
 
 def _run_scripts(
-    event: Event, log: HookLog, settings: "Limits", stdin_fd: "int | None", abort: bool
+    event: Event,
+    log: HookLog,
+    settings: "Limits",
+    stdin_fd: "int | None",
+    abort: bool,
+    read: "tuple[bytes, bytes] | None" = None,
 ) -> int:
     """The custom scripts for `event`, run by dispatch only when there is something to run:
-    most calls have none, and need not pay for importing the chain runner."""
+    most calls have none, and need not pay for importing the chain runner.
+
+    `read`: the XML libvirt passed and the hook's change of it, when the hook read
+    stdin itself (see _migrate_begin); the change reaches libvirt even when no
+    script runs.
+    """
     found = discovery.find(paths.custom_dir(), event, log, abort)
     if not found.runs_anything(abort):
+        if read is not None and read[1] != read[0]:
+            _print_xml(read[1], log)
         return 0
     from kvmhook.hook import dispatch
 
-    chain = dispatch.run_hook(event, found, log, settings, stdin_fd, abort)
+    chain = dispatch.run_hook(event, found, log, settings, stdin_fd, abort, read)
     if chain.veto is not None:
         say("\n".join(chain.veto))
         return 1
@@ -114,6 +130,48 @@ def _run_scripts(
 
         write_all(1, chain.xml)
     return 0
+
+
+def _renames_bridges(
+    event: Event, conf: "HookConf | None", stdin_fd: "int | None", log: HookLog
+) -> bool:
+    """Whether this call renames the guest's bridges: `migrate begin` with XML on stdin,
+    unless `[network] rename_bridges = no`."""
+    if event.operation != "migrate" or event.subop != "begin" or stdin_fd is None:
+        return False
+    return hookconf.renames_bridges(conf, lambda problem: log.record("-", f"config: {problem}"))
+
+
+def _migrate_begin(
+    event: Event, log: HookLog, settings: "Limits", stdin_fd: int, abort: bool
+) -> int:
+    """`migrate begin` on the destination: the guest's bridges named for this host
+    (kvmhook.net.bridges) before any script reads the XML, as CloudStack's own hook does."""
+    from kvmhook.hook import process
+    from kvmhook.net import bridges
+
+    try:
+        stdin = process.Stdin(stdin_fd)
+    except OSError as error:
+        # dispatch's words: nothing here or there can use a domain XML it could not read
+        log.record(
+            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
+        )
+        return _run_scripts(event, log, settings, None, abort)
+    try:
+        xml = stdin.read()
+    finally:
+        stdin.close()
+    renamed = bridges.for_destination(xml, lambda line: log.record("-", line))
+    return _run_scripts(event, log, settings, None, abort, (xml, renamed))
+
+
+def _print_xml(xml: bytes, log: HookLog) -> None:
+    """`xml` on stdout, where libvirt takes it as the guest's new definition."""
+    from kvmhook.hook.process import write_all
+
+    log.record("-", f"xml: new domain XML ({len(xml)} bytes) printed for libvirt")
+    write_all(1, xml)
 
 
 def _conf(log: HookLog) -> "HookConf | None":

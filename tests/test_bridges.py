@@ -178,3 +178,95 @@ def test_xml_that_does_not_parse_is_kept_and_said(here):
     said: list[str] = []
     assert bridges.for_destination(xml, said.append) is xml
     assert said[0].startswith("network: bridges not renamed: the domain XML does not parse")
+
+
+# The hook itself, as libvirtd runs it on the destination at `migrate begin`.
+
+
+@pytest.fixture
+def dest(host):
+    """A sandbox host whose NIC is enp2s0 in cloudbr0, guest.network.device=cloudbr0."""
+    net_tree(host.root, {"enp2s0": None, "cloudbr0": ["vnet0", "enp2s0"]})
+    agent(host.root, "guest.network.device=cloudbr0\n")
+    return host
+
+
+ARRIVING = domain(bridge("brenp1s0-100"), bridge("brvx-5000"))
+RENAMED = domain(bridge("brenp2s0-100"), bridge("brvx-5000"))
+
+
+def migrate_begin(host, xml: bytes = ARRIVING):
+    return host.hook("vm1", "migrate", "begin", "-", xml=xml, env=host.env(TMPDIR=str(host.root)))
+
+
+def logged(host) -> str:
+    text = "\n".join(host.records())
+    assert UUID not in text and "<domain" not in text  # never the XML
+    return text
+
+
+def test_the_hook_prints_the_renamed_xml_without_any_script(dest):
+    """No custom script at all: libvirt still gets the renamed XML, and the log says why."""
+    result = migrate_begin(dest)
+    assert (result.returncode, result.stdout, result.stderr) == (0, RENAMED, b"")
+    text = logged(dest)
+    assert "network: bridge brenp1s0-100 renamed brenp2s0-100" in text
+    assert f"xml: new domain XML ({len(RENAMED)} bytes) printed for libvirt" in text
+
+
+def test_scripts_get_the_renamed_xml_and_may_rewrite_further(dest):
+    """migrate_ scripts read the renamed XML on stdin; a rewrite of theirs is what libvirt gets."""
+    further = RENAMED.replace(b"</devices>", b"<memballoon model='none'/></devices>")
+    (dest.root / "further.xml").write_bytes(further)
+    dest.script(
+        "migrate_10",
+        f'cat > "{dest.root}/got.xml"\ncat "{dest.root}/further.xml" > "$KVMHOOK_XML_OUT"\n',
+    )
+    result = migrate_begin(dest)
+    assert (result.returncode, result.stdout) == (0, further)
+    assert (dest.root / "got.xml").read_bytes() == RENAMED
+    logged(dest)
+
+
+def test_a_script_that_puts_the_original_back_leaves_stdout_empty(dest):
+    """Stdout carries XML only when the final XML differs from what libvirt passed."""
+    (dest.root / "original.xml").write_bytes(ARRIVING)
+    dest.script("migrate_10", f'cat "{dest.root}/original.xml" > "$KVMHOOK_XML_OUT"\n')
+    result = migrate_begin(dest)
+    assert (result.returncode, result.stdout) == (0, b"")
+
+
+def test_nothing_to_rename_leaves_stdout_empty(dest):
+    """A bridge whose device exists here, and XML without candidate names: stdout empty."""
+    for xml in (domain(bridge("brenp2s0-100")), domain(bridge("cloudbr0"))):
+        result = migrate_begin(dest, xml)
+        assert (result.returncode, result.stdout) == (0, b"")
+    assert "network:" not in logged(dest)
+
+
+def test_p_not_found_logged_xml_unchanged_exit_0(host):
+    """No agent.properties: the reason is logged, libvirt gets nothing new, the hook exits 0."""
+    result = migrate_begin(host)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert "network: bridges brenp1s0-100 not renamed: " in logged(host)
+
+
+@pytest.mark.parametrize("value", ["no", "false", "off", "0"])
+def test_rename_bridges_no_turns_it_off(dest, value):
+    """`[network] rename_bridges = no` (any of configparser's false words): no rename."""
+    conf = dest.root / "etc/kvmhook/kvmhook.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(f"[network]\nrename_bridges = {value}\n")
+    result = migrate_begin(dest)
+    assert (result.returncode, result.stdout) == (0, b"")
+    assert "network:" not in logged(dest)
+
+
+def test_a_bad_rename_bridges_value_is_said_and_the_rename_runs(dest):
+    """A value that is no boolean never breaks a migration: said in the log, the default on."""
+    conf = dest.root / "etc/kvmhook/kvmhook.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("[network]\nrename_bridges = maybe\n")
+    result = migrate_begin(dest)
+    assert (result.returncode, result.stdout) == (0, RENAMED)
+    assert "[network] rename_bridges = yes applies" in logged(dest)

@@ -87,21 +87,24 @@ def run_hook(
     settings: "Limits",
     stdin_fd: "int | None",
     abort: bool = False,
+    read: "tuple[bytes, bytes] | None" = None,
 ) -> Chain:
     """Run the scripts `found` for `event` (discovery.find), logging each; never raises for a
     script's sake.
 
     `stdin_fd` is read once, only if a script is going to run, and replayed to
-    every script (None: scripts get empty input). With `abort` (the veto
-    policy for this operation), a broken file, or the first script that fails
-    or cannot be run, stops the chain and the result carries a veto.
+    every script (None: scripts get empty input). `read`, when the hook has
+    read stdin itself (migrate begin, to rename bridges): the XML libvirt passed
+    and the one the first script gets; `stdin_fd` is then not read. With `abort`
+    (the veto policy for this operation), a broken file, or the first script that
+    fails or cannot be run, stops the chain and the result carries a veto.
     """
     chain = Chain()
     broken = found.broken
     if abort and broken is not None:
         _veto(chain, event, log, broken.name, broken.reason, len(found.scripts), [])
     elif found.scripts:
-        _run_scripts(chain, found.scripts, event, settings, stdin_fd, log, abort)
+        _run_scripts(chain, found.scripts, event, settings, stdin_fd, log, abort, read)
     return chain
 
 
@@ -113,18 +116,14 @@ def _run_scripts(
     stdin_fd: "int | None",
     log: HookLog,
     abort: bool,
+    read: "tuple[bytes, bytes] | None",
 ) -> None:
     # Imported only now: a hook with nothing to run skips what spawning costs.
     from kvmhook.hook import process
 
-    try:
-        stdin = process.Stdin(stdin_fd)
-    except OSError as error:
-        log.record(
-            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
-        )
-        stdin = process.Stdin(None)
-    rewrites = _Rewrites(stdin, log) if BY_NAME[event.operation].rewrites else None
+    stdin = process.Stdin.holding(read[1]) if read is not None else _stdin(stdin_fd, log)
+    original = None if read is None else read[0]
+    rewrites = _Rewrites(stdin, log, original) if BY_NAME[event.operation].rewrites else None
     try:
         for index, script in enumerate(scripts):
             run = _run_one(script, event, stdin, settings, log, rewrites)
@@ -143,17 +142,31 @@ def _run_scripts(
             rewrites.close()
 
 
+def _stdin(stdin_fd: "int | None", log: HookLog) -> "process.Stdin":
+    from kvmhook.hook import process
+
+    try:
+        return process.Stdin(stdin_fd)
+    except OSError as error:
+        log.record(
+            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
+        )
+        return process.Stdin(None)
+
+
 class _Rewrites:
     """The rewrite chain of one call: the outbox, the original XML and its checks.
 
     Without an outbox (no private directory could be made) the scripts run
     without $KVMHOOK_XML_OUT, and only the previous hook can rewrite.
+    `original`: the XML libvirt passed, when `stdin` holds the hook's own
+    change of it (the bridge rename); else what `stdin` holds.
     """
 
-    def __init__(self, stdin: "process.Stdin", log: HookLog) -> None:
+    def __init__(self, stdin: "process.Stdin", log: HookLog, original: "bytes | None") -> None:
         from kvmhook.hook import rewrite
 
-        self.original = stdin.read()
+        self.original = stdin.read() if original is None else original
         self.outbox: rewrite.Outbox | None = None
         self.variables: dict[str, str] = {}
         try:

@@ -64,6 +64,20 @@ class HookConf:
         return self._parsed
 
 
+def renames_bridges(conf: "HookConf | None", complain: "Callable[[str], None]") -> bool:
+    """`[network] rename_bridges` (default yes): whether `migrate begin` renames the guest's
+    bridges for this host (kvmhook.net.bridges). Parsed only when a line may turn it off; a
+    file that does not parse, or a value that is no boolean, is said to `complain` and the
+    default applies: a broken file never breaks a migration."""
+    if conf is None or not conf.may_set("rename_bridges", "yes"):
+        return True
+    try:
+        return conf.parsed().getboolean("network", "rename_bridges", fallback=True)
+    except Exception as error:  # ConfigError, or configparser's ValueError for the value
+        complain(f"{error}; [network] rename_bridges = yes applies")
+        return True
+
+
 def read() -> "HookConf | None":
     """kvmhook.conf, or None when there is none.
 

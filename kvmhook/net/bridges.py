@@ -18,21 +18,22 @@ hook only when the XML holds a name the table may change (may_rename).
 from __future__ import annotations
 
 import os
-import re
-from xml.etree import ElementTree
 
 from kvmhook import paths
 from kvmhook.errors import KvmhookError
 
+# re and ElementTree are imported where used: the hook imports this module on every
+# migrate begin, and most of those have no name to rename (may_rename).
 TYPE_CHECKING = False  # typing costs import time the hook pays on every migration
 if TYPE_CHECKING:
+    import re
     from collections.abc import Callable
 
 PROPERTY = "guest.network.device"
 # The raw bytes a domain XML holds when the table may change one of its bridges.
 _MARKS = (b"cloudVirBr", b"bridge='br", b'bridge="br')
-_OLD_STYLE = re.compile(r"cloudVirBr(\d+)")
-_NEW_STYLE = re.compile(r"br(\w+)-(\d+)")
+_OLD_STYLE = r"cloudVirBr(\d+)"
+_NEW_STYLE = r"br(\w+)-(\d+)"
 # Ports of a guest bridge that are guests' taps, never the physical device.
 _TAPS = ("vnet", "vif")
 
@@ -52,10 +53,12 @@ def vlan_to_rename(bridge: str, exists: Callable[[str], bool]) -> str | None:
 
     `exists(name)` says whether this host has the network device `name`.
     """
-    old = _OLD_STYLE.fullmatch(bridge)
+    import re
+
+    old = re.fullmatch(_OLD_STYLE, bridge)
     if old is not None:
         return old.group(1)
-    new = _NEW_STYLE.fullmatch(bridge)
+    new = re.fullmatch(_NEW_STYLE, bridge)
     if new is None or bridge.startswith("brvx-") or exists(new.group(1)):
         return None
     return new.group(2)
@@ -66,6 +69,8 @@ def renames(xml: bytes, exists: Callable[[str], bool]) -> dict[str, str]:
 
     Raises ElementTree.ParseError when `xml` is not XML.
     """
+    from xml.etree import ElementTree
+
     found = {}
     for source in ElementTree.fromstring(xml).iterfind("./devices/interface/source"):
         bridge = source.get("bridge")
@@ -78,6 +83,7 @@ def renames(xml: bytes, exists: Callable[[str], bool]) -> dict[str, str]:
 def renamed(xml: bytes, new_names: dict[str, str]) -> bytes:
     """`xml` with each `<source bridge=OLD>` naming new_names[OLD]; every other byte kept
     (an edit in place, not a re-serialization: libvirt gets back what it gave, but the names)."""
+    import re
 
     def rename(match: re.Match[bytes]) -> bytes:
         old = match.group(3).decode()
@@ -117,6 +123,8 @@ def physical_device() -> tuple[str, str]:
 
 def _port(net: str, bridge: str) -> str:
     """The port of `bridge` that is not a guest tap, its `.<vlan>` suffix cut."""
+    import re
+
     try:
         ports = sorted(os.listdir(os.path.join(net, bridge, "brif")))
     except OSError as error:
@@ -138,6 +146,8 @@ def for_destination(xml: bytes, say: Callable[[str], None]) -> bytes:
     cannot be found. Each rename and each problem goes to `say`, never the XML."""
     if not may_rename(xml):
         return xml
+    from xml.etree import ElementTree
+
     try:
         vlans = renames(xml, device_exists)
     except ElementTree.ParseError as error:
