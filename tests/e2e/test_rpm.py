@@ -234,6 +234,10 @@ class Sandbox:
         """Run the scriptlet `tag` (PREIN, POSTIN, PREUN, POSTUN) with $1 = arg, in the sandbox."""
         body = query(self.package, "--qf", f"%{{{tag}}}")
         assert body and body != "(none)", f"the rpm has no {tag} scriptlet"
+        return self.run_script(tag, body, arg)
+
+    def run_script(self, tag: str, body: str, arg: int) -> subprocess.CompletedProcess:
+        """Run a scriptlet's `body` with $1 = arg, its paths moved into the sandbox."""
         body = body.replace(HOOKDIR, f"{self.root}{HOOKDIR}")
         body = body.replace("/var/log/libvirt", f"{self.root}/var/log/libvirt")
         body = body.replace(f"{self.sitelib}/", f"{self.payload_sitelib}/")
@@ -414,3 +418,37 @@ def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, payload, t
     box.scriptlet("PREUN", 0)
     calls = box.systemctl()
     assert any({"disable", "kvmhook-cert-renew.timer"} <= set(c.split()) for c in calls), calls
+
+
+def test_the_trigger_on_cloudstack_agent_puts_the_launcher_back(rpm_file, payload, tmp_path):
+    """`rpm -q --triggers`: a %triggerin on cloudstack-agent, which, run after its %post copied
+    CloudStack's hook over the launcher, puts the launcher back with CloudStack's hook aside and
+    unchained, and changes nothing when run again or before the copy."""
+    triggers = query(rpm_file, "--triggers")
+    header, _, body = triggers.partition("\n")
+    assert header == "triggerin scriptlet (using /bin/sh) -- cloudstack-agent", triggers
+    assert "previoushook.py --restore" in body
+    box = Sandbox(tmp_path, rpm_file, payload)
+    box.install_files()
+    launcher = box.hook.read_bytes()
+    box.run_script("TRIGGERIN", body, 1)  # kvmhook installed, cloudstack-agent not copied yet
+    assert box.hook.read_bytes() == launcher and not box.previous.exists()
+    box.cloudstack_agent_hook.parent.mkdir(parents=True)
+    box.cloudstack_agent_hook.write_text(CLOUDSTACK_STANDIN)
+    shutil.copy2(box.cloudstack_agent_hook, box.hook)  # cloudstack-agent's %post
+    said = box.run_script("TRIGGERIN", body, 1).stderr
+    assert box.hook.read_bytes() == launcher and stat.S_IMODE(box.hook.stat().st_mode) == 0o755
+    assert box.previous.read_text() == CLOUDSTACK_STANDIN and not box.chain.is_symlink()
+    assert f"kvmhook: {box.hook} was CloudStack's qemu hook" in said
+    box.run_script("TRIGGERIN", body, 2)
+    assert box.hook.read_bytes() == launcher and box.previous.read_text() == CLOUDSTACK_STANDIN
+
+
+def test_post_puts_the_launcher_back_over_cloudstacks_copy(rpm_file, payload, tmp_path):
+    """A reinstall repairs a host: %post puts the launcher back over CloudStack's copy."""
+    box = Sandbox(tmp_path, rpm_file, payload)
+    box.install_files()
+    launcher = box.hook.read_bytes()
+    box.hook.write_text(CLOUDSTACK_STANDIN)
+    box.scriptlet("POSTIN", 2)
+    assert box.hook.read_bytes() == launcher and box.previous.read_text() == CLOUDSTACK_STANDIN
