@@ -270,3 +270,21 @@ def test_a_bad_rename_bridges_value_is_said_and_the_rename_runs(dest):
     result = migrate_begin(dest)
     assert (result.returncode, result.stdout) == (0, RENAMED)
     assert "[network] rename_bridges = yes applies" in logged(dest)
+
+
+def interface(mac: str, name: str) -> str:
+    return f"<interface type='bridge'><mac address='{mac}'/><source bridge='{name}'/></interface>"
+
+
+def test_the_persistent_definition_takes_the_live_bridges_by_mac():
+    """After PERSIST_DEST, each persistent interface gets the bridge of the live interface with
+    its MAC; one without a live twin, or already on the live bridge, is kept."""
+    a, b, c = "52:54:00:00:00:0a", "52:54:00:00:00:0b", "52:54:00:00:00:0c"
+    live = domain(interface(a, "brenp2s0-100"), interface(b.upper(), "cloudbr0"))
+    persistent = domain(
+        interface(a, "brenp1s0-100"), interface(b, "cloudbr0"), interface(c, "brenp1s0-7")
+    )
+    assert bridges.with_live_bridges(persistent, live) == domain(
+        interface(a, "brenp2s0-100"), interface(b, "cloudbr0"), interface(c, "brenp1s0-7")
+    )
+    assert bridges.with_live_bridges(live, live) is None

@@ -571,3 +571,56 @@ def test_cli_help_documents_the_exit_codes():
     result = cli_runner().invoke(migrate_command, ["--help"])
     for line in ["0  migrated", "1  failed", "2  usage", "3  refused", "4  aborted"]:
         assert line in result.stdout
+
+
+# --- after PERSIST_DEST: the persistent definition takes the live bridges ------------------
+
+
+UUID14 = "7f3d2a9e-0000-4000-8000-000000000014"
+
+
+def bridged(name: str, bridge: str) -> str:
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{UUID14}</uuid><memory>65536</memory>"
+        "<os><type>hvm</type></os>"
+        "<devices><interface type='bridge'><mac address='52:54:00:14:00:01'/>"
+        f"<source bridge='{bridge}'/></interface></devices></domain>"
+    )
+
+
+def source_bridge(domain: libvirt.virDomain, flags: int) -> str:
+    return domain.XMLDesc(flags).split("<source bridge='", 1)[1].split("'", 1)[0]
+
+
+@pytest.fixture
+def renamed_guest():
+    """A running test-driver guest on brenp2s0-100 (its live definition, as the destination's
+    hook renamed it) whose persistent definition still names the source's brenp1s0-100."""
+    with virt.connect(TEST_URI) as conn:  # held open: test:///default lives while it is
+        domain = conn.defineXML(bridged("vm14", "brenp2s0-100"))
+        domain.create()
+        conn.defineXML(bridged("vm14", "brenp1s0-100"))
+        yield domain
+        domain.destroy()
+        domain.undefine()
+
+
+def test_the_destinations_persistent_definition_takes_the_live_bridges(renamed_guest):
+    """After the migration the persistent definition names the live bridge, so the guest's
+    next cold start there finds it; the live one is untouched and the change is said."""
+    assert source_bridge(renamed_guest, libvirt.VIR_DOMAIN_XML_INACTIVE) == "brenp1s0-100"
+    stream = io.StringIO()
+    migration.persist_live_bridges("vm14", TEST_URI, migration.Progress(stream, tty=False))
+    assert source_bridge(renamed_guest, libvirt.VIR_DOMAIN_XML_INACTIVE) == "brenp2s0-100"
+    assert source_bridge(renamed_guest, 0) == "brenp2s0-100"
+    assert stream.getvalue() == "vm14: its persistent definition there now names its live bridges\n"
+    stream.truncate(0)
+    migration.persist_live_bridges("vm14", TEST_URI, migration.Progress(stream, tty=False))
+    assert stream.getvalue() == ""  # already agreeing: not redefined again
+
+
+def test_a_destination_that_cannot_be_asked_is_a_warning_not_a_failure():
+    """The guest has migrated: an unknown guest (or host) there is a warning line, not an error."""
+    stream = io.StringIO()
+    migration.persist_live_bridges("no-such-guest", TEST_URI, migration.Progress(stream, tty=False))
+    assert stream.getvalue().startswith("WARNING: no-such-guest migrated, but its persistent")

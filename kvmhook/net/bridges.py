@@ -164,3 +164,35 @@ def for_destination(xml: bytes, say: Callable[[str], None]) -> bytes:
     for old, new in sorted(new_names.items()):
         say(f"network: bridge {old} renamed {new} ({how}: {physical})")
     return renamed(xml, new_names)
+
+
+def with_live_bridges(persistent: bytes, live: bytes) -> bytes | None:
+    """The `persistent` definition with the bridges of the `live` one, interface by interface
+    (matched by MAC address); None when they already agree.
+
+    libvirt passes only the live definition through the hook at `migrate begin`:
+    with VIR_MIGRATE_PERSIST_DEST the persistent one arrives unchanged, on the
+    source's bridge names, and the guest's next cold start here would fail.
+    Raises ElementTree.ParseError when either is not XML.
+    """
+    live_bridges = _bridges_by_mac(live)
+    new_names = {
+        old: live_bridges[mac]
+        for mac, old in _bridges_by_mac(persistent).items()
+        if mac in live_bridges and live_bridges[mac] != old
+    }
+    return renamed(persistent, new_names) if new_names else None
+
+
+def _bridges_by_mac(xml: bytes) -> dict[str, str]:
+    """{MAC address: bridge} of the interfaces of domain `xml` that have both."""
+    from xml.etree import ElementTree
+
+    found = {}
+    for interface in ElementTree.fromstring(xml).iterfind("./devices/interface"):
+        mac, source = interface.find("mac"), interface.find("source")
+        bridge = None if source is None else source.get("bridge")
+        address = None if mac is None else mac.get("address")
+        if bridge is not None and address is not None:
+            found[address.lower()] = bridge
+    return found
