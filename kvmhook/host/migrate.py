@@ -116,7 +116,7 @@ def persist_live_bridges(name: str, dest_uri: str, progress: Progress) -> None:
     try:
         with virt.connect(dest_uri) as conn:
             _redefine_with_live_bridges(conn, name, progress)
-    except (VirtError, virt.libvirt.libvirtError, ElementTree.ParseError) as error:
+    except (VirtError, ElementTree.ParseError) as error:
         progress.note(
             f"WARNING: {name} migrated, but its persistent definition on the destination may "
             f"name bridges that host lacks ({error}): check `virsh dumpxml --inactive {name}` there"
@@ -223,21 +223,15 @@ def _abort(job: futures.Future[None], guest: virt.Guest, plan: Plan, reason: str
     )
 
 
-# The persistent definition with its secrets (VNC passwords...), which a redefinition must keep.
-_PERSISTENT_XML = virt.libvirt.VIR_DOMAIN_XML_INACTIVE | virt.libvirt.VIR_DOMAIN_XML_SECURE
-
-
 def _redefine_with_live_bridges(
     conn: virt.libvirt.virConnect, name: str, progress: Progress
 ) -> None:
-    # libvirt called here, not in virt, only because virt.py was outside this change's files.
     from kvmhook.net import bridges
 
-    domain = conn.lookupByName(name)
-    live = domain.XMLDesc(0).encode()  # only its bridges are read
-    fixed = bridges.with_live_bridges(domain.XMLDesc(_PERSISTENT_XML).encode(), live)
+    guest = virt.lookup(conn, name)
+    fixed = bridges.with_live_bridges(guest.persistent_xml(), guest.live_xml())
     if fixed is not None:
-        conn.defineXML(fixed.decode())
+        guest.redefine(fixed)
         progress.note(f"{name}: its persistent definition there now names its live bridges")
 
 

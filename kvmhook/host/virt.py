@@ -121,6 +121,29 @@ class Guest:
             bytes_per_second=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_BPS, 0),
         )
 
+    def live_xml(self) -> bytes:
+        """The running definition, without secrets."""
+        try:
+            return self._domain.XMLDesc(0).encode()
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot read the definition of {self.name}: {error}") from None
+
+    def persistent_xml(self) -> bytes:
+        """The stored definition with its secrets (VNC passwords...): what a redefinition
+        must keep."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        try:
+            return self._domain.XMLDesc(flags).encode()
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot read the stored definition of {self.name}: {error}") from None
+
+    def redefine(self, xml: bytes) -> None:
+        """Store `xml` as the guest's persistent definition (the running guest is untouched)."""
+        try:
+            self._domain.connect().defineXML(xml.decode())
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot store the definition of {self.name}: {error}") from None
+
     def abort(self) -> None:
         """Abort the running job (the migration); the guest resumes on this host."""
         try:
