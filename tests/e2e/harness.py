@@ -173,3 +173,38 @@ if __name__ == "__main__":
         handleMigrateBegin()
     executeCustomScripts(sys.argv[1:])
 """
+
+
+CLOUDSTACK_AGENT_FILE = Path("/usr/share/cloudstack-agent/lib/libvirtqemuhook")
+# What cloudstack-agent's postinst does with its hook on every configure (packaging/debian/
+# cloudstack-agent.postinst in apache/cloudstack).
+CLOUDSTACK_AGENT_POSTINST = f"""\
+#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+    mkdir -p {HOOK.parent}
+    cp -a {CLOUDSTACK_AGENT_FILE} {HOOK}
+fi
+"""
+
+
+def cloudstack_agent_deb(directory: Path, version: str = "4.19.0") -> Path:
+    """A stand-in `cloudstack-agent` .deb built with dpkg-deb: it ships CloudStack's hook (the
+    stand-in above) at CLOUDSTACK_AGENT_FILE and copies it over the qemu hook in its postinst."""
+    tree = directory / f"cloudstack-agent-{version}"
+    shipped = tree / CLOUDSTACK_AGENT_FILE.relative_to("/")
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(CLOUDSTACK_STANDIN)
+    shipped.chmod(0o755)
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN/control").write_text(
+        f"Package: cloudstack-agent\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: kvmhook tests <root@localhost>\n"
+        "Description: stand-in for CloudStack's agent: ships and copies its qemu hook\n"
+    )
+    postinst = tree / "DEBIAN/postinst"
+    postinst.write_text(CLOUDSTACK_AGENT_POSTINST)
+    postinst.chmod(0o755)
+    deb = directory / f"cloudstack-agent_{version}_all.deb"
+    run("dpkg-deb", "--root-owner-group", "-b", str(tree), str(deb))
+    return deb

@@ -21,6 +21,7 @@ from harness import (
     REPO,
     apt,
     apt_install,
+    cloudstack_agent_deb,
     define_guest,
     package_state,
     run,
@@ -368,3 +369,93 @@ def test_renewal_service_run_when_not_due_says_one_line_and_exits_0(clean_host, 
     said = (result.stdout + result.stderr).strip().splitlines()
     assert len(said) == 1, said
     assert {path.name: path.read_bytes() for path in agent.iterdir()} == before
+
+
+# --- living beside cloudstack-agent: its postinst copies its hook over the launcher ---------
+
+LAUNCHER = (REPO / "kvmhook/data/qemu-hook").read_bytes()
+NOT_LAUNCHER = "is not kvmhook's launcher"
+
+
+@pytest.fixture
+def cloudstack_agent(clean_host, debs, tmp_path):
+    """The stand-in cloudstack-agent .deb, revisions 1 and 2; purged afterwards with what
+    its postinst copied, and kvmhook's dependencies installed (`dpkg -i` resolves none)."""
+    apt_install(debs[1])
+    apt("purge", "kvmhook")
+    for leftover in (HOOK, PREVIOUS):
+        leftover.unlink(missing_ok=True)
+    yield {1: cloudstack_agent_deb(tmp_path, "4.19.0"), 2: cloudstack_agent_deb(tmp_path, "4.19.1")}
+    if package_state() != "not-installed":
+        apt("purge", "kvmhook")
+    run("dpkg", "--purge", "cloudstack-agent")
+    for leftover in (HOOK, PREVIOUS):
+        leftover.unlink(missing_ok=True)
+
+
+def assert_launcher_back() -> None:
+    """The end of every order: the launcher at HOOK, CloudStack's hook aside and unchained,
+    dpkg settled, and `hooks list` without the warning."""
+    assert HOOK.read_bytes() == LAUNCHER
+    assert PREVIOUS.read_text() == CLOUDSTACK_STANDIN and not CHAIN.is_symlink()
+    status = run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "kvmhook", "cloudstack-agent")
+    assert status.stdout.split() == ["ii", "ii"], status.stdout
+    listing = run("/usr/bin/kvmhook", "hooks", "list", "start")
+    assert NOT_LAUNCHER not in listing.stderr
+
+
+def test_the_trigger_on_cloudstack_agents_hook_is_registered(cloudstack_agent, debs):
+    """kvmhook's file trigger on cloudstack-agent's hook, noawait, is known to dpkg."""
+    run("dpkg", "-i", str(debs[1]))
+    interests = Path("/var/lib/dpkg/triggers/File").read_text().splitlines()
+    assert f"{CLOUDSTACK_AGENT_HOOK} kvmhook/noawait" in interests
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        "both in one dpkg -i",
+        "cloudstack-agent after kvmhook, then upgraded",
+        "cloudstack-agent unpacked, then dpkg --configure -a",
+        "kvmhook after cloudstack-agent, then cloudstack-agent reinstalled",
+    ],
+)
+def test_the_launcher_is_back_after_cloudstack_agents_postinst_in_every_order(
+    cloudstack_agent, debs, order
+):
+    """Whatever order dpkg runs kvmhook's trigger and cloudstack-agent's configure in, the
+    launcher is back at the end of the run and CloudStack's hook is kept aside, unchained."""
+    kvmhook, agent = str(debs[1]), str(cloudstack_agent[1])
+    if order == "both in one dpkg -i":
+        run("dpkg", "-i", kvmhook, agent)
+    elif order.startswith("cloudstack-agent after"):
+        run("dpkg", "-i", kvmhook)
+        run("dpkg", "-i", agent)
+        assert_launcher_back()
+        run("dpkg", "-i", str(cloudstack_agent[2]))
+    elif order.startswith("cloudstack-agent unpacked"):
+        run("dpkg", "-i", kvmhook)
+        run("dpkg", "--unpack", agent)
+        run("dpkg", "--configure", "-a")
+    else:
+        run("dpkg", "-i", agent)
+        assert HOOK.read_text() == CLOUDSTACK_STANDIN  # its postinst copied it
+        run("dpkg", "-i", kvmhook)
+        assert_launcher_back()
+        run("dpkg", "-i", agent)
+    assert_launcher_back()
+    run("dpkg", "--purge", "kvmhook")
+    assert HOOK.read_text() == CLOUDSTACK_STANDIN and not PREVIOUS.exists()
+
+
+def test_hooks_list_warns_when_cloudstacks_hook_is_copied_over_and_reinstall_repairs(
+    cloudstack_agent, debs
+):
+    """A copy made outside dpkg (no trigger, no run end) is named by `hooks list`; reinstalling
+    kvmhook puts the launcher back, as the warning says."""
+    run("dpkg", "-i", str(debs[1]), str(cloudstack_agent[1]))
+    shutil.copy2(CLOUDSTACK_AGENT_HOOK, HOOK)
+    listing = run("/usr/bin/kvmhook", "hooks", "list", "start")
+    assert f"warning: {HOOK} {NOT_LAUNCHER}: it is another program" in listing.stderr
+    run("dpkg", "-i", str(debs[1]))
+    assert_launcher_back()
