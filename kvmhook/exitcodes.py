@@ -115,6 +115,11 @@ TABLE: dict[str, dict[int, str]] = {
         FAILED: "failed: the controller could not be asked, or the state file not written",
         USAGE: _USAGE,
     },
+    "kvmhook network list": {
+        OK: "shown (libvirt not answering is a warning: ports show tap names)",
+        FAILED: "the network devices in /sys/class/net cannot be read",
+        USAGE: _USAGE,
+    },
     "keystore-setup": {
         OK: "key and placeholder in the keystore, passphrase kept, CSR written",
         FAILED: "failed: one line on stderr says why",

@@ -168,3 +168,9 @@ def sys_class_net() -> str:
     """The network devices of this host, one entry each (`<dev>/bridge`, `<dev>/brif/` for a
     bridge). Under KVMHOOK_ROOT too, so a test builds the tree it needs."""
     return under_root("/sys/class/net")
+
+
+def made_bridges_dir() -> str:
+    """One empty file per guest-network bridge kvmhook made, named after it: the bridges
+    kvmhook may remove, and the `made` column of `kvmhook network list`."""
+    return under_root("/run/kvmhook/bridges")

@@ -11,6 +11,7 @@ from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
 from kvmhook.cli.maintenance import maintenance
 from kvmhook.cli.migrate import migrate
+from kvmhook.cli.network import network
 from kvmhook.cli.tls import tls
 
 
@@ -27,5 +28,6 @@ main.add_command(tls)
 main.add_command(migrate)
 main.add_command(capacity)
 main.add_command(maintenance)
+main.add_command(network)
 
 __all__ = ["main"]

@@ -192,3 +192,36 @@ def free_memory(uri: str) -> int:
             return conn.getFreeMemory()
         except libvirt.libvirtError as error:
             raise VirtError(f"cannot read the free memory of {uri}: {error}") from None
+
+
+# Where a guest interface names its tap device in the live definition.
+_TAPS = "./devices/interface/target"
+
+
+def guests_by_tap(uri: str) -> dict[str, str]:
+    """{tap device: guest name} for the interfaces of the guests running on `uri`, read over
+    a read-only connection; a guest gone since it was listed is left out."""
+    from xml.etree import ElementTree
+
+    with connect(uri, read_only=True) as conn:
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot list the guests on {uri}: {error}") from None
+        found = {}
+        for domain in domains:
+            xml = _live_xml_or_none(domain)
+            targets = [] if xml is None else ElementTree.fromstring(xml).iterfind(_TAPS)
+            found.update({target.get("dev", ""): domain.name() for target in targets})
+    found.pop("", None)
+    return found
+
+
+def _live_xml_or_none(domain: libvirt.virDomain) -> str | None:
+    """The live definition of `domain`, or None when it went away since it was listed."""
+    try:
+        return domain.XMLDesc(0)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VirtError(f"cannot read the definition of {domain.name()}: {error}") from None
