@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from sandbox import cli_runner
@@ -170,3 +173,43 @@ def test_unreadable_sysfs_exits_1(root):
 def test_guests_by_tap_reads_libvirt():
     """Each running guest's interface target, from the real test driver."""
     assert virt.guests_by_tap(TEST_URI) == {"testnet0": "test"}
+
+
+# The devices CloudStack's script makes for VNI 5000, in a network namespace of their own,
+# and that namespace's sysfs mounted as the host root's: what the kernel really shows.
+_KERNEL_VXLAN = """
+set -e
+ip link add enp1s0 type veth peer name enp1s0-peer
+ip addr add 192.0.2.1/24 dev enp1s0
+ip link set enp1s0 up
+ip link add vxlan5000 type vxlan id 5000 group 239.0.19.136 ttl 10 dev enp1s0 dstport 8472
+ip link add brvx-5000 type bridge
+ip link set vxlan5000 master brvx-5000
+mkdir -p "$KVMHOOK_ROOT/sys"
+mount -t sysfs sysfs "$KVMHOOK_ROOT/sys"
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None,
+    reason="needs root, unshare and ip for a network namespace with real devices",
+)
+def test_a_real_kernel_vxlan_bridge(root):
+    """The kernel's own sysfs: the VNI from the device's name, the underlay its lower_ link."""
+    command = ["unshare", "--net", "--mount", "sh", "-c", _KERNEL_VXLAN, "sh"]
+    command += [sys.executable, "-c", "from kvmhook.cli import main; main()", "network", "list"]
+    command += ["--json"]
+    command += ["--connect", NO_LIBVIRT]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {
+            "name": "brvx-5000",
+            "kind": "vxlan",
+            "id": 5000,
+            "underlay": "enp1s0",
+            "ports": [],
+            "made": False,
+        }
+    ]
