@@ -94,8 +94,8 @@ def _run(args: list[str], settings: "Limits", log: HookLog) -> int:
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
         return _admit(event, conf, log, settings, stdin_fd, abort)
-    if _renames_bridges(event, conf, stdin_fd, log):
-        return _migrate_begin(event, log, settings, stdin_fd, abort)
+    if event.operation == "migrate" and event.subop == "begin" and stdin_fd is not None:
+        return _migrate_begin(event, conf, log, settings, stdin_fd, abort)
     return _run_scripts(event, log, settings, stdin_fd, abort)
 
 
@@ -132,21 +132,17 @@ def _run_scripts(
     return 0
 
 
-def _renames_bridges(
-    event: Event, conf: "HookConf | None", stdin_fd: "int | None", log: HookLog
-) -> bool:
-    """Whether this call renames the guest's bridges: `migrate begin` with XML on stdin,
-    unless `[network] rename_bridges = no`."""
-    if event.operation != "migrate" or event.subop != "begin" or stdin_fd is None:
-        return False
-    return hookconf.renames_bridges(conf, lambda problem: log.record("-", f"config: {problem}"))
-
-
 def _migrate_begin(
-    event: Event, log: HookLog, settings: "Limits", stdin_fd: int, abort: bool
+    event: Event,
+    conf: "HookConf | None",
+    log: HookLog,
+    settings: "Limits",
+    stdin_fd: int,
+    abort: bool,
 ) -> int:
     """`migrate begin` on the destination: the guest's bridges named for this host
-    (kvmhook.net.bridges) before any script reads the XML, as CloudStack's own hook does."""
+    (kvmhook.net.bridges.at_migrate_begin, unless kvmhook.conf turns it off) before any
+    script reads the XML, as CloudStack's own hook does."""
     from kvmhook.hook import process
     from kvmhook.net import bridges
 
@@ -162,7 +158,7 @@ def _migrate_begin(
         xml = stdin.read()
     finally:
         stdin.close()
-    renamed = bridges.for_destination(xml, lambda line: log.record("-", line))
+    renamed = bridges.at_migrate_begin(xml, conf, lambda line: log.record("-", line))
     return _run_scripts(event, log, settings, None, abort, (xml, renamed))
 
 

@@ -288,3 +288,54 @@ def test_the_persistent_definition_takes_the_live_bridges_by_mac():
         interface(a, "brenp2s0-100"), interface(b, "cloudbr0"), interface(c, "brenp1s0-7")
     )
     assert bridges.with_live_bridges(live, live) is None
+
+
+# `kvmhook hooks run` runs the chain "as the hook would": the same rename, by the same function.
+
+
+def hooks_run(host, xml: bytes = ARRIVING):
+    from sandbox import cli_runner
+
+    from kvmhook.cli import main
+
+    (host.root / "arriving.xml").write_bytes(xml)
+    env = {"KVMHOOK_ROOT": str(host.root), "KVMHOOK_CUSTOM_DIR": None, "TMPDIR": str(host.root)}
+    env.update({"KVMHOOK_LOG_FILE": None, "KVMHOOK_TIMEOUT": None})
+    args = [
+        "hooks",
+        "run",
+        "vm1",
+        "migrate",
+        "begin",
+        "-",
+        "--xml",
+        str(host.root / "arriving.xml"),
+    ]
+    return cli_runner().invoke(main, args, env=env, catch_exceptions=False)
+
+
+def test_hooks_run_prints_the_renamed_xml_without_any_script(dest):
+    """No script: stdout holds the renamed XML, as the hook's does, and the log says why."""
+    result = hooks_run(dest)
+    assert (result.exit_code, result.stdout_bytes) == (0, RENAMED)
+    assert "network: bridge brenp1s0-100 renamed brenp2s0-100" in logged(dest)
+
+
+def test_hooks_run_gives_migrate_scripts_the_renamed_xml(dest):
+    """migrate_ scripts read the renamed XML; unchanged by them, it is still what is printed."""
+    dest.script("migrate_10", f'cat > "{dest.root}/got.xml"\n')
+    result = hooks_run(dest)
+    assert (result.exit_code, result.stdout_bytes) == (0, RENAMED)
+    assert (dest.root / "got.xml").read_bytes() == RENAMED
+
+
+def test_hooks_run_renames_nothing_when_kvmhook_conf_says_no(dest):
+    """`[network] rename_bridges = no` holds for `hooks run` too: scripts get what was given."""
+    conf = dest.root / "etc/kvmhook/kvmhook.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("[network]\nrename_bridges = no\n")
+    dest.script("migrate_10", f'cat > "{dest.root}/got.xml"\n')
+    result = hooks_run(dest)
+    assert (result.exit_code, result.stdout_bytes) == (0, b"")
+    assert (dest.root / "got.xml").read_bytes() == ARRIVING
+    assert "network:" not in logged(dest)

@@ -90,12 +90,22 @@ def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> Non
     log = HookLog(paths.log_file(), domain, operation, subop, echo=sys.stderr)
     try:
         settings = _limits(lambda problem: log.record("-", f"config: {problem}"))
+        read = _renamed(xml.read(), log) if xml and (operation, subop) == _RENAMES else None
         found = find(paths.custom_dir(), event, log, abort)
-        chain = dispatch.run_hook(event, found, log, settings, xml.fileno() if xml else None, abort)
+        stdin_fd = xml.fileno() if xml and read is None else None
+        chain = dispatch.run_hook(event, found, log, settings, stdin_fd, abort, read)
+        new_xml = chain.xml
+        if not chain.runs and chain.veto is None and read is not None and read[1] != read[0]:
+            # No script ran, yet the rename changed the XML: the hook prints it too.
+            log.record("-", f"xml: new domain XML ({len(read[1])} bytes) printed for libvirt")
+            new_xml = read[1]
     finally:
         log.close()
-    if chain.xml is not None:
-        click.get_binary_stream("stdout").write(chain.xml)
+    if new_xml is not None:
+        # sys.stdout's bytes: click.get_binary_stream is deprecated (a warning, an error in tests)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(new_xml)
+        sys.stdout.buffer.flush()
     if chain.veto is not None:
         raise click.ClickException("\n".join(chain.veto))
     failed = [item.script.name for item in chain.runs if item.failed]
@@ -103,6 +113,25 @@ def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> Non
         raise click.ClickException(
             f"{len(failed)} of {len(chain.runs)} scripts failed: {', '.join(failed)}"
         )
+
+
+# The call at which the hook renames the guest's bridges before any script runs.
+_RENAMES = ("migrate", "begin")
+
+
+def _renamed(xml: bytes, log: HookLog) -> tuple[bytes, bytes]:
+    """`xml` and what the hook makes of it at `migrate begin` (bridges.at_migrate_begin),
+    under kvmhook.conf and logged as the hook does."""
+    from kvmhook.net import bridges
+
+    try:
+        conf = hookconf.read()
+    except OSError as error:
+        log.record(
+            "-", f"config: cannot read {paths.kvmhook_conf()}: {error.strerror}; defaults apply"
+        )
+        conf = None
+    return xml, bridges.at_migrate_begin(xml, conf, lambda line: log.record("-", line))
 
 
 def _aborts(operation: str) -> bool:

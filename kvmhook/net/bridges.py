@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import re
     from collections.abc import Callable
 
+    from kvmhook.hook.hookconf import HookConf
+
 PROPERTY = "guest.network.device"
 # The raw bytes a domain XML holds when the table may change one of its bridges.
 _MARKS = (b"cloudVirBr", b"bridge='br", b'bridge="br')
@@ -164,6 +166,18 @@ def for_destination(xml: bytes, say: Callable[[str], None]) -> bytes:
     for old, new in sorted(new_names.items()):
         say(f"network: bridge {old} renamed {new} ({how}: {physical})")
     return renamed(xml, new_names)
+
+
+def at_migrate_begin(xml: bytes, conf: HookConf | None, say: Callable[[str], None]) -> bytes:
+    """What `migrate begin` does to `xml` before any script reads it, for the hook and for
+    `kvmhook hooks run` alike: its bridges named for this host (for_destination) unless
+    kvmhook.conf (`conf`, None: no file) says `[network] rename_bridges = no`. Each rename,
+    each problem and each complaint about the file goes to `say`, never the XML."""
+    from kvmhook.hook import hookconf
+
+    if not hookconf.renames_bridges(conf, lambda problem: say(f"config: {problem}")):
+        return xml
+    return for_destination(xml, say)
 
 
 def with_live_bridges(persistent: bytes, live: bytes) -> bytes | None:
