@@ -82,7 +82,9 @@ def run(domain: str, operation: str, subop: str, extra: str, xml: object) -> Non
     """Run the custom scripts for OBJECT OPERATION [SUBOP] [EXTRA] as the hook
     would, logging to the hook's log and echoing each record on stderr, under
     kvmhook.conf's [hooks] policy and the installed hook's timeoutSeconds
-    (KVMHOOK_TIMEOUT overrides it). For migrate and restore, a rewritten domain
+    (KVMHOOK_TIMEOUT overrides it). At migrate begin the guest's bridges are
+    first renamed for this host, as the hook does (kvmhook.conf's [network]
+    rename_bridges). For migrate and restore, a renamed or rewritten domain
     XML is printed on stdout, as the hook gives it to libvirt.
     Exits 1 if a script failed, timed out or could not start."""
     event = Event(domain, operation, subop, extra)
