@@ -91,7 +91,7 @@ def test_package_installs_hook_custom_dir_logrotate_and_commands(clean_host, deb
     doc = Path("/usr/share/doc/kvmhook")
     assert (doc / "README.md").is_file() and (doc / "docs/hook.md").is_file()
     # Every hook module the launcher needs is installed (the folders are packages too).
-    for package in ("hook", "certs", "host", "cli"):
+    for package in ("hook", "certs", "host", "net", "cli"):
         assert Path(f"/usr/lib/python3/dist-packages/kvmhook/{package}/__init__.py").is_file()
 
 
