@@ -28,6 +28,10 @@ _ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
 _STORED = {" ": "\\ ", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}
 
 
+# A properties file is a page of settings: anything bigger is not the agent's.
+MAX_SIZE = 1024 * 1024
+
+
 class Entry(NamedTuple):
     """One key and value, and where its logical line (continuations and line end
     included) starts and ends in the text."""
@@ -41,9 +45,11 @@ class Entry(NamedTuple):
 def read(path: str) -> str | None:
     """The properties file as text (see the module's docstring); None when it does not exist.
     KeystoreError when it cannot be read, by this module or by Java."""
+    from kvmhook.hook import readfile
+
     try:
-        with open(path, "rb") as source:
-            text = source.read().decode(ENCODING)
+        # The hook reads it too (the bridge rename): never block on a FIFO, never read unbounded.
+        text = readfile.read(path, MAX_SIZE).decode(ENCODING)
     except FileNotFoundError:
         return None
     except OSError as error:
