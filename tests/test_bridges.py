@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kvmhook.net import bridges
@@ -339,3 +341,22 @@ def test_hooks_run_renames_nothing_when_kvmhook_conf_says_no(dest):
     assert (result.exit_code, result.stdout_bytes) == (0, b"")
     assert (dest.root / "got.xml").read_bytes() == ARRIVING
     assert "network:" not in logged(dest)
+
+
+def test_a_fifo_as_agent_properties_never_holds_the_migration(dest):
+    """agent.properties replaced by a FIFO: the hook refuses it at once, logs why, XML unchanged."""
+    properties = dest.root / "etc/cloudstack/agent/agent.properties"
+    properties.unlink()
+    os.mkfifo(properties)
+    result = migrate_begin(dest)  # sandbox.Host.hook's timeout fails the test if it blocks
+    assert (result.returncode, result.stdout) == (0, b"")
+    assert "not a regular file" in logged(dest)
+
+
+def test_a_port_name_that_is_no_plain_interface_name_is_never_put_in_the_xml(tmp_path, monkeypatch):
+    """P from sysfs goes into the XML unescaped: a name with a quote in it is refused, not used."""
+    monkeypatch.setenv("KVMHOOK_ROOT", str(tmp_path))
+    net_tree(tmp_path, {"cloudbr0": ["e'x"]})
+    agent(tmp_path, "guest.network.device=cloudbr0\n")
+    with pytest.raises(bridges.NoPhysicalDevice, match="not a plain interface name"):
+        bridges.physical_device()

@@ -119,8 +119,15 @@ def physical_device() -> tuple[str, str]:
     if not os.path.lexists(os.path.join(net, device)):
         raise NoPhysicalDevice(f"{PROPERTY}={device}: no such device in {net}")
     if not os.path.isdir(os.path.join(net, device, "bridge")):
-        return device, f"{PROPERTY}={device}"
-    return _port(net, device), f"{PROPERTY}={device}, its port"
+        found = device, f"{PROPERTY}={device}"
+    else:
+        found = _port(net, device), f"{PROPERTY}={device}, its port"
+    import re
+
+    if not re.fullmatch(r"\w{1,15}", found[0], re.ASCII):
+        # It goes into the XML as it is, and CloudStack's names are br<\w+>-<vlan>.
+        raise NoPhysicalDevice(f"{found[1]}: {found[0]!r} is not a plain interface name")
+    return found
 
 
 def _port(net: str, bridge: str) -> str:
