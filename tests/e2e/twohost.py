@@ -7,7 +7,10 @@ INIT below) that bind-mounts a private copy of /etc over /etc, a tmpfs over
 /var/log/libvirt, sets its own hostname and brings `lo` up. Everything the
 harness runs inside goes through `nsenter -t <that PID 1> -m -u -n -p --`, so
 libvirtd, QEMU, keystore-setup and keystore-cert-import see the host's own
-name, addresses and files; the machine's real /etc is never written.
+name, addresses and files; the machine's real /etc is never written. Each
+host mounts a sysfs of its own over /sys/class/net (and the directory its
+entries point into), so kvmhook and libvirtd there see the host's own network
+devices, not the machine's.
 
 `TwoHosts` builds the pair as a CloudStack controller would secure them:
 keystore-setup inside each host, its CSR signed by a test CA made here,
@@ -22,12 +25,20 @@ when it exits the kernel ends every process left in the namespace and the
 namespaces go. A pipe from the harness is its lifeline too: if the harness
 dies, PID 1 sees EOF and stops the same way, so nothing outlives a crash.
 
-Used by tests/e2e/test_migration.py and benchmarks/migration.py; root only.
+`TwoHosts(nics=...)` adds a CloudStack-like guest network (the veth renamed
+as a NIC, in bridge cloudbr0, named in agent.properties); add_bridge,
+guest_xml's bridges and udp_datagram let a test attach guests to bridges and
+send traffic across them.
+
+Used by tests/e2e/test_migration.py, test_maintenance_mode.py,
+test_rotation_e2e.py, test_guest_networks.py and benchmarks/migration.py;
+root only.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -37,7 +48,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -56,7 +69,13 @@ NETWORK = ipaddress.ip_network("10.250.0.0/30")  # private, only inside the test
 TLS_PORT = 16514
 PASSPHRASE = "e2e-twohost-secret"
 AGENT_DIR = "/etc/cloudstack/agent"  # inside a host: where the controller keeps the agent's files
+AGENT_PROPERTIES = f"{AGENT_DIR}/agent.properties"
 HOOK_LOG = "/var/log/libvirt/qemu-hook.log"
+KVMHOOK_CONF = "/etc/kvmhook/kvmhook.conf"  # inside a host: what its qemu hook reads
+# The guest network (TwoHosts(nics=...)): the veth renamed as a NIC, in a bridge holding the
+# host's address, named in agent.properties as CloudStack's agent has it.
+GUEST_BRIDGE = "cloudbr0"
+GUEST_NETWORK_PROPERTY = "guest.network.device"
 # Private trees: path inside the host -> directory under the host's work dir.
 PRIVATE = {
     "/etc": "etc",
@@ -82,6 +101,15 @@ for target, source in private.items():
 sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")
 for path in ("/run/libvirt", "/run/lock"):
     os.makedirs(path)
+# /sys/class/net shows the devices of the network namespace sysfs was mounted in: a fresh
+# sysfs, mounted from this one, and its two net directories bound over the machine's (not all
+# of /sys, which would hide /sys/fs/cgroup from libvirtd). kvmhook and libvirtd then see this
+# host's own devices there (shared/notes/guest-networks.md).
+sysfs = os.path.join(directory, "sysfs")
+os.makedirs(sysfs)
+sh("mount", "-t", "sysfs", "sysfs", sysfs)
+for inside in ("class/net", "devices/virtual/net"):
+    sh("mount", "--bind", os.path.join(sysfs, inside), os.path.join("/sys", inside))
 sh("hostname", hostname)
 sh("ip", "link", "set", "lo", "up")
 
@@ -128,6 +156,16 @@ class HarnessError(AssertionError):
     """The two-host set-up failed; the message carries what the tools said."""
 
 
+class Interface(NamedTuple):
+    """One line of `virsh domiflist`."""
+
+    tap: str  # the host's device for it (vnetN); `-` in a persistent definition
+    type: str
+    source: str  # the bridge, for type bridge
+    model: str
+    mac: str
+
+
 def missing_prerequisites() -> str | None:
     """Why the two-host harness cannot run here, or None."""
     if os.geteuid() != 0:
@@ -162,7 +200,8 @@ class Host:
         self.workdir = workdir
         self.host_uuid = str(uuid.uuid4())
         self.pid: int | None = None  # PID 1 of the namespaces, as seen from outside
-        self.veth: str | None = None
+        self.veth: str | None = None  # this host's end of the pair, by its current name
+        self.guest_bridge: str | None = None  # the bridge holding the veth, once guest_network
         self.csr: bytes | None = None
         self._unshare: subprocess.Popen | None = None
         self._lifeline: int | None = None
@@ -388,6 +427,59 @@ class Host:
         self.edit_conf("/etc/libvirt/libvirtd.conf", {"listen_tcp": "1", "auth_tcp": '"none"'})
         self.edit_conf("/etc/libvirt/qemu.conf", {"migrate_tls_force": "0"})
 
+    # -- network -----------------------------------------------------------------------------
+
+    def links(self) -> list[str]:
+        """The network devices of this host: its own /sys/class/net (INIT mounts it)."""
+        return self.run("ls", "-1", "/sys/class/net").stdout.split()
+
+    def bridge_ports(self, bridge: str) -> list[str]:
+        """The ports of `bridge` as this host's sysfs lists them (/sys/class/net/B/brif/)."""
+        return self.run("ls", "-1", f"/sys/class/net/{bridge}/brif").stdout.split()
+
+    def add_bridge(self, name: str) -> None:
+        """A plain bridge `name`, forward delay 0 (as CloudStack makes guest bridges), up."""
+        self.run("ip", "link", "add", name, "type", "bridge", "forward_delay", "0")
+        self.run("ip", "link", "set", name, "up")
+
+    def delete_link(self, name: str) -> None:
+        """`ip link del NAME` (a bridge goes with it; its ports stay, unenslaved)."""
+        self.run("ip", "link", "del", name)
+
+    def guest_network(self, nic: str, bridge: str = GUEST_BRIDGE) -> None:
+        """This host's veth renamed `nic` (as if it were the host's NIC), enslaved in a new
+        bridge `bridge` that takes over the host's address, and `guest.network.device=bridge`
+        in agent.properties: the shape of a CloudStack KVM host's guest network."""
+        assert self.veth is not None, f"{self.hostname} is not connected"
+        address = f"{self.address}/{NETWORK.prefixlen}"
+        self.run("ip", "link", "set", self.veth, "down")  # a veth is renamed only when down
+        self.run("ip", "link", "set", self.veth, "name", nic)
+        self.veth = nic
+        self.add_bridge(bridge)
+        self.run("ip", "link", "set", nic, "master", bridge)
+        self.run("ip", "addr", "del", address, "dev", nic)
+        self.run("ip", "addr", "add", address, "dev", bridge)
+        self.run("ip", "link", "set", nic, "up")
+        self.guest_bridge = bridge
+        self.set_agent_property(GUEST_NETWORK_PROPERTY, bridge)
+
+    def set_agent_property(self, key: str, value: str) -> None:
+        """`key=value` in this host's agent.properties: lines setting `key` give way to one at
+        the end, every other line is kept (keystore-setup's included)."""
+        path = self.path(AGENT_PROPERTIES)
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.split("=", 1)[0].strip() != key]
+        path.write_text("".join(f"{line}\n" for line in (*kept, f"{key}={value}")))
+
+    def write_kvmhook_conf(self, text: str | None) -> None:
+        """This host's kvmhook.conf (its hook reads it on every call): `text`, or none."""
+        path = self.path(KVMHOOK_CONF)
+        if text is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+
     # -- guests ------------------------------------------------------------------------------
 
     def define_guest(self, name: str, xml: str) -> None:
@@ -403,6 +495,14 @@ class Host:
         """`virsh domstate`, or None when this host does not know the guest."""
         result = self.virsh("domstate", name, check=False)
         return result.stdout.strip() if result.returncode == 0 else None
+
+    def interfaces(self, name: str, inactive: bool = False) -> list[Interface]:
+        """`virsh domiflist` of the guest (`inactive`: of its persistent definition, whose
+        taps are `-`): one Interface per line."""
+        listed = self.virsh("domiflist", *(["--inactive"] if inactive else []), name).stdout
+        lines = listed.splitlines()
+        rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
+        return [Interface(*line.split()) for line in lines[rule + 1 :] if line.strip()]
 
     # -- teardown ----------------------------------------------------------------------------
 
@@ -532,15 +632,102 @@ def connect(a: Host, b: Host) -> None:
         a.run("ping", "-c", "1", "-W", "5", b.address)
 
 
-def guest_xml(name: str, memory_mib: int = 64, kernel: Path | None = None) -> str:
-    """A diskless TCG guest (libvirt-facts.md); `kernel` boots that image with -kernel."""
+def guest_xml(
+    name: str, memory_mib: int = 64, kernel: Path | None = None, bridges: Sequence[str] = ()
+) -> str:
+    """A diskless TCG guest (libvirt-facts.md); `kernel` boots that image with -kernel; one
+    virtio NIC on each of `bridges` (libvirt makes a vnetN tap in it), MACs from guest_mac."""
     boot = f"<kernel>{kernel}</kernel>" if kernel is not None else ""
+    nics = "".join(
+        interface_xml(bridge, guest_mac(name, index)) for index, bridge in enumerate(bridges)
+    )
     return (
         f"<domain type='qemu'><name>{name}</name>"
         f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
         f"<os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>"
-        f"<devices><emulator>{QEMU}</emulator><console type='pty'/></devices></domain>"
+        f"<devices><emulator>{QEMU}</emulator>{nics}<console type='pty'/></devices></domain>"
     )
+
+
+def interface_xml(bridge: str, mac: str) -> str:
+    """A virtio NIC on `bridge`, as CloudStack defines a guest's. No option ROM: the guest
+    has nothing to network-boot, and QEMU then needs no iPXE image."""
+    return (
+        f"<interface type='bridge'><source bridge='{bridge}'/><mac address='{mac}'/>"
+        "<model type='virtio'/><rom enabled='no'/></interface>"
+    )
+
+
+def guest_mac(name: str, index: int = 0) -> str:
+    """The MAC of the guest `name`'s NIC number `index`: fixed per guest, in QEMU's
+    locally administered 52:54:00 range."""
+    digest = hashlib.sha256(f"{name}/{index}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{byte:02x}" for byte in digest[:3])
+
+
+# -- datagrams between the hosts ------------------------------------------------------------
+# No ping on a fresh machine: a python receiver and sender, each inside its host.
+UDP_RECEIVE = r"""
+import socket, sys
+address, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.bind((address, port))
+    sock.settimeout(timeout)
+    print("ready", flush=True)
+    try:
+        data, peer = sock.recvfrom(65536)
+    except socket.timeout:
+        sys.exit(f"no datagram to {address}:{port} within {timeout} s")
+    print(peer[0], data.hex(), flush=True)
+"""
+UDP_SEND = r"""
+import socket, sys, time
+address, port, source = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+payload = bytes.fromhex(sys.argv[3])
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    if source:
+        sock.bind((source, 0))
+    for _ in range(10):  # a few, in case the first is lost while the neighbour is resolved
+        sock.sendto(payload, (address, port))
+        time.sleep(0.1)
+"""
+
+
+def udp_datagram(
+    sender: Host,
+    receiver: Host,
+    address: str,
+    port: int = 47000,
+    source: str = "",
+    timeout: float = 10,
+) -> str:
+    """A UDP datagram from `sender` (from `source`, if given) to `address`:`port`, where a
+    receiver in `receiver` listens: the address it came from. HarnessError when none arrives
+    within `timeout` seconds. Every address is one the test gave a device of its hosts."""
+    payload = os.urandom(8).hex()
+    listening = subprocess.Popen(
+        receiver.argv("python3", "-c", UDP_RECEIVE, address, str(port), str(timeout)),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert listening.stdout is not None
+        if listening.stdout.readline().strip() != "ready":
+            listening.wait(timeout=10)
+            raise HarnessError(f"[{receiver.short}] UDP receiver failed: {listening.stderr.read()}")
+        sender.run("python3", "-c", UDP_SEND, address, str(port), payload, source, timeout=30)
+        out, err = listening.communicate(timeout=timeout + 10)
+    finally:
+        if listening.poll() is None:
+            listening.kill()  # nsenter; the receiver inside ends at its own timeout
+            listening.wait()
+    if listening.returncode != 0:
+        raise HarnessError(
+            f"no datagram from {sender.short} to {address}:{port} on {receiver.short}: {err}"
+        )
+    came_from, data = out.split()
+    if data != payload:
+        raise HarnessError(f"{receiver.short} got {data}, not the {payload} that was sent")
+    return came_from
 
 
 # -- the migration drivers -----------------------------------------------------------------
@@ -569,10 +756,14 @@ def migrate_argv(domain: str, dest: Host) -> list[str]:
 class TwoHosts:
     """Hosts a (10.250.0.1) and b (10.250.0.2), secured with certificates of `ca`, libvirtd
     listening on TLS. A context manager: everything goes on exit (the work dir stays with
-    keep=True or KVMHOOK_E2E_KEEP=1, for a look at the logs)."""
+    keep=True or KVMHOOK_E2E_KEEP=1, for a look at the logs).
 
-    def __init__(self, keep: bool = False) -> None:
+    `nics=(A, B)`: a guest network on each host (Host.guest_network), the veth named A on a
+    and B on b, in a bridge cloudbr0 holding the host's address, before libvirtd starts."""
+
+    def __init__(self, keep: bool = False, nics: tuple[str, str] | None = None) -> None:
         self.keep = keep or os.environ.get("KVMHOOK_E2E_KEEP") == "1"
+        self.nics = nics
         self.root = Path(tempfile.mkdtemp(prefix="kvmhook-twohost-"))
         first, second = list(NETWORK.hosts())
         self.a = Host("hosta", str(first), self.root / "a")
@@ -612,9 +803,25 @@ class TwoHosts:
             host.import_certificate(self.ca)
             host.enable_tls()
         began = self._timed("certificates", began)
+        if self.nics is not None:
+            for host, nic in zip(self.hosts, self.nics):
+                host.guest_network(nic)
+            began = self._timed("guest network", began)
         for host in self.hosts:
             host.start_libvirtd()
         self._timed("libvirtd", began)
+        self.check_tls()
+
+    def guest_network(self, nics: tuple[str, str], bridge: str = GUEST_BRIDGE) -> None:
+        """A guest network on hosts already set up (see the class's docstring), then each
+        still reaches the other over TLS."""
+        for host, nic in zip(self.hosts, nics):
+            host.guest_network(nic, bridge)
+        self.nics = nics
+        self.check_tls()
+
+    def check_tls(self) -> None:
+        """Each host's libvirtd answers the other over qemu+tls, by its hostname."""
         for source, dest in ((self.a, self.b), (self.b, self.a)):
             result = source.run(
                 "virsh", "-c", f"qemu+tls://{dest.hostname}/system", "hostname", check=False
@@ -643,11 +850,14 @@ __all__ = [
     "GUEST_PREFIX",
     "HarnessError",
     "Host",
+    "Interface",
     "TestCA",
     "TwoHosts",
+    "guest_mac",
     "guest_xml",
     "kvmhook_migrate_argv",
     "migrate_argv",
     "missing_prerequisites",
+    "udp_datagram",
     "virsh_migrate_argv",
 ]
