@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from kvmhook.config import Config
 
 
+class RawReadError(Exception):
+    """A file HookConf.raw cannot read as configparser would: parse it instead."""
+
+
 class HookConf:
     """The bytes of kvmhook.conf, and the parsed file once something needed it."""
 
@@ -55,6 +59,41 @@ class HookConf:
                 return True
         return False
 
+    def raw(self, section: str, option: str) -> "str | None":
+        """The value of `option` in `[section]`, None when unset, read from the lines without
+        configparser (about 10 ms to import) and agreeing with it. Raises RawReadError for
+        anything it does not read as configparser would (an indented line, a `[DEFAULT]`
+        section, a line that is neither `[section]` nor `name = value`, a section or an
+        option twice, bytes that are not UTF-8): the caller then parses."""
+        try:
+            text = self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RawReadError from None
+        wanted, found = (f"[{section}]", option.lower()), None
+        seen: set = set()
+        current = None
+        for line in text.split("\n"):  # as configparser splits: never on \f or \x1c
+            stripped = line.strip()
+            if not stripped or stripped[0] in "#;":
+                continue
+            if line[0].isspace() or stripped == "[DEFAULT]":
+                raise RawReadError
+            if stripped[0] == "[":
+                current = stripped
+                if len(stripped) < 3 or stripped[-1] != "]" or current in seen:
+                    raise RawReadError
+                seen.add(current)
+                continue
+            # configparser splits at the first `=` or `:`, whichever comes first.
+            cut = min((at for at in (line.find("="), line.find(":")) if at >= 0), default=-1)
+            key = (current, line[:cut].strip().lower())
+            if current is None or cut < 0 or not key[1] or key in seen:
+                raise RawReadError
+            seen.add(key)
+            if key == wanted:
+                found = line[cut + 1 :].strip()
+        return found
+
     def parsed(self) -> "Config":
         """The file parsed by `config`; raises ConfigError when it cannot be."""
         if self._parsed is None:
@@ -76,6 +115,42 @@ def renames_bridges(conf: "HookConf | None", complain: "Callable[[str], None]") 
     except Exception as error:  # ConfigError, or configparser's ValueError for the value
         complain(f"{error}; [network] rename_bridges = yes applies")
         return True
+
+
+def words(
+    conf: "HookConf | None", section: str, option: str, complain: "Callable[[str], None]"
+) -> "list[str]":
+    """The comma- or space-separated words of `[section] option`, [] when unset: read from
+    the raw lines (HookConf.raw), parsed only when they cannot tell, since the hook reads
+    `[network] provision` and `keep` on every guest start and stop where they are set. A
+    file that does not parse is said to `complain`, and [] applies."""
+    if conf is None:
+        return []
+    try:
+        value = conf.raw(section, option)
+    except RawReadError:
+        try:
+            value = conf.parsed().get(section, option, fallback=None)
+        except Exception as error:  # ConfigError: a broken file never blocks a guest
+            complain(f"{error}; [{section}] {option} unset")
+            return []
+    return [] if value is None else value.replace(",", " ").split()
+
+
+# What `[network] provision` may list (kvmhook.net.provision makes them).
+PROVISION_KINDS = ("vxlan", "vlan")
+
+
+def provisions(conf: "HookConf | None", complain: "Callable[[str], None]") -> "list[str]":
+    """`[network] provision`: the kinds of bridges the hook makes where a guest needs them
+    (default none). A word that is no kind is said to `complain` and left out."""
+    kinds = []
+    for word in words(conf, "network", "provision", complain):
+        if word.lower() in PROVISION_KINDS:
+            kinds.append(word.lower())
+        elif word.lower() != "none":
+            complain(f"[network] provision: {word!r} is neither vxlan nor vlan; left out")
+    return kinds
 
 
 def read() -> "HookConf | None":
