@@ -171,6 +171,12 @@ def sys_class_net() -> str:
 
 
 def made_bridges_dir() -> str:
-    """One empty file per guest-network bridge kvmhook made, named after it: the bridges
-    kvmhook may remove, and the `made` column of `kvmhook network list`."""
+    """One directory per guest-network bridge kvmhook made, named after it, holding a file
+    per guest that uses it: the bridges kvmhook may remove (kvmhook.net.provision), and
+    the `made` column of `kvmhook network list`."""
     return under_root("/run/kvmhook/bridges")
+
+
+def bridge_lock(name: str) -> str:
+    """The lock of one bridge kvmhook may make or remove (kvmhook.net.provision)."""
+    return under_root(f"/run/kvmhook/bridge-locks/{name}")

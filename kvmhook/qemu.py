@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from kvmhook.hook.hookconf import HookConf, Limits
+    from kvmhook.hook.process import Stdin
 
 
 def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) -> int:
@@ -93,9 +94,11 @@ def _run(args: list[str], settings: "Limits", log: HookLog) -> int:
     conf = _conf(log) if operation.may_abort else None
     abort = conf is not None and _aborts(event.operation, conf, log)
     if conf is not None and event.operation == "prepare":
-        return _admit(event, conf, log, settings, stdin_fd, abort)
+        return _prepare(event, conf, log, settings, stdin_fd, abort)
     if event.operation == "migrate" and event.subop == "begin" and stdin_fd is not None:
         return _migrate_begin(event, conf, log, settings, stdin_fd, abort)
+    if event.operation == "release" and stdin_fd is not None and _remembers_bridges():
+        return _release(event, log, settings, stdin_fd)
     return _run_scripts(event, log, settings, stdin_fd, abort)
 
 
@@ -143,21 +146,11 @@ def _migrate_begin(
     """`migrate begin` on the destination: the guest's bridges named for this host
     (kvmhook.net.bridges.at_migrate_begin, unless kvmhook.conf turns it off) before any
     script reads the XML, as CloudStack's own hook does."""
-    from kvmhook.hook import process
     from kvmhook.net import bridges
 
-    try:
-        stdin = process.Stdin(stdin_fd)
-    except OSError as error:
-        # dispatch's words: nothing here or there can use a domain XML it could not read
-        log.record(
-            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
-        )
+    xml = _read_stdin(stdin_fd, log)
+    if xml is None:
         return _run_scripts(event, log, settings, None, abort)
-    try:
-        xml = stdin.read()
-    finally:
-        stdin.close()
     renamed = bridges.at_migrate_begin(xml, conf, lambda line: log.record("-", line))
     return _run_scripts(event, log, settings, None, abort, (xml, renamed))
 
@@ -197,7 +190,7 @@ def _aborts(operation: str, conf: "HookConf", log: HookLog) -> bool:
         return False
 
 
-def _admit(
+def _prepare(
     event: Event,
     conf: "HookConf",
     log: HookLog,
@@ -206,18 +199,92 @@ def _admit(
     abort: bool,
 ) -> int:
     """`prepare` with kvmhook.conf: a guest that does not fit is refused (exit 1, the
-    numbers on stderr) before any script runs; otherwise the scripts run on the XML read once."""
+    numbers on stderr) before any script runs; with `[network] provision`, the bridges it
+    lacks are then made (kvmhook.net.provision), and one that cannot be made refuses it
+    the same way; then the scripts run on the XML read once."""
     from kvmhook.host import admission
 
+    complain = lambda problem: log.record("-", f"config: {problem}")  # noqa: E731
+    kinds = hookconf.provisions(conf, complain)
+    xml = replay_fd = None
+    if kinds and stdin_fd is not None:
+        xml = _read_stdin(stdin_fd, log)
+        if xml is not None:
+            from kvmhook.hook import process  # loaded already by _read_stdin
+
+            replay_fd = _replay(process.Stdin.holding(xml))
+        stdin_fd = replay_fd  # None when it could not be read: the scripts get none
     outcome = admission.check(event.domain, conf, stdin_fd, log)
     try:
-        if outcome.refusal is not None:
-            log.record("-", f"refused: {outcome.refusal}; no scripts run")
-            say(outcome.refusal)
+        refusal = outcome.refusal
+        if refusal is None and xml is not None:
+            from kvmhook.net import provision
+
+            failure = provision.at_prepare(
+                event.domain, xml, kinds, lambda line: log.record("-", f"network: {line}")
+            )
+            refusal = None if failure is None else f"kvmhook: {failure}"
+        if refusal is not None:
+            log.record("-", f"refused: {refusal}; no scripts run")
+            say(refusal)
             return 1
         return _run_scripts(event, log, settings, outcome.stdin_fd, abort)
     finally:
-        outcome.close()
+        outcome.close()  # its own descriptor, when admission read the XML
+        if replay_fd is not None:
+            os.close(replay_fd)
+
+
+def _release(event: Event, log: HookLog, settings: "Limits", stdin_fd: int) -> int:
+    """`release` on a host where kvmhook made bridges: the scripts run, then each made
+    bridge of the guest that no guest uses any more goes (kvmhook.net.provision), unless
+    `[network] keep` in kvmhook.conf names it."""
+    xml = _read_stdin(stdin_fd, log)
+    if xml is None:
+        return _run_scripts(event, log, settings, None, False)
+    _run_scripts(event, log, settings, None, False, (xml, xml))
+    from kvmhook.net import provision
+
+    complain = lambda problem: log.record("-", f"config: {problem}")  # noqa: E731
+    keep = hookconf.words(_conf(log), "network", "keep", complain)
+    provision.at_release(event.domain, xml, keep, lambda line: log.record("-", f"network: {line}"))
+    return 0
+
+
+def _read_stdin(stdin_fd: int, log: HookLog) -> "bytes | None":
+    """The domain XML on `stdin_fd`; None, logged, when it cannot be read (the scripts
+    then get none)."""
+    from kvmhook.hook import process
+
+    try:
+        stdin = process.Stdin(stdin_fd)
+    except OSError as error:
+        # dispatch's words: nothing here or there can use a domain XML it could not read
+        log.record(
+            "-", f"cannot read the domain XML from stdin: {error.strerror}; scripts get none"
+        )
+        return None
+    try:
+        return stdin.read()
+    finally:
+        stdin.close()
+
+
+def _replay(stdin: "Stdin") -> int:
+    """A descriptor replaying `stdin`'s bytes from the start; `stdin` itself closed."""
+    try:
+        return stdin.open()
+    finally:
+        stdin.close()
+
+
+def _remembers_bridges() -> bool:
+    """Whether kvmhook made bridges on this host that it has not removed: one listdir, so a
+    host without provisioning pays nothing more at release."""
+    try:
+        return bool(os.listdir(paths.made_bridges_dir()))
+    except OSError:
+        return False
 
 
 def _refused_for_maintenance(log: HookLog) -> bool:

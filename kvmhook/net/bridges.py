@@ -103,6 +103,25 @@ def physical_device() -> tuple[str, str]:
 
     Raises NoPhysicalDevice saying why.
     """
+    device = guest_network_device()
+    net = paths.sys_class_net()
+    if not os.path.isdir(os.path.join(net, device, "bridge")):
+        found = device, f"{PROPERTY}={device}"
+    else:
+        found = _port(net, device), f"{PROPERTY}={device}, its port"
+    import re
+
+    if not re.fullmatch(r"\w{1,15}", found[0], re.ASCII):
+        # It goes into the XML as it is, and CloudStack's names are br<\w+>-<vlan>.
+        raise NoPhysicalDevice(f"{found[1]}: {found[0]!r} is not a plain interface name")
+    return found
+
+
+def guest_network_device() -> str:
+    """`guest.network.device` from agent.properties, a device of this host.
+
+    Raises NoPhysicalDevice saying why not.
+    """
     from kvmhook.certs import agentproperties
     from kvmhook.errors import KeystoreError
 
@@ -116,18 +135,9 @@ def physical_device() -> tuple[str, str]:
         why = "does not exist" if text is None else f"sets no {PROPERTY}"
         raise NoPhysicalDevice(f"{path} {why}")
     net = paths.sys_class_net()
-    if not os.path.lexists(os.path.join(net, device)):
+    if not device_exists(device):
         raise NoPhysicalDevice(f"{PROPERTY}={device}: no such device in {net}")
-    if not os.path.isdir(os.path.join(net, device, "bridge")):
-        found = device, f"{PROPERTY}={device}"
-    else:
-        found = _port(net, device), f"{PROPERTY}={device}, its port"
-    import re
-
-    if not re.fullmatch(r"\w{1,15}", found[0], re.ASCII):
-        # It goes into the XML as it is, and CloudStack's names are br<\w+>-<vlan>.
-        raise NoPhysicalDevice(f"{found[1]}: {found[0]!r} is not a plain interface name")
-    return found
+    return device
 
 
 def _port(net: str, bridge: str) -> str:
