@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from kvmhook.hook import hookconf
 
@@ -202,3 +204,68 @@ def test_launcher_timeout_refuses_what_is_not_a_small_text_file(tmp_path, kind):
     assert len(complaints) == 1
     assert complaints[0].startswith(f"cannot read {path}: ")
     assert complaints[0].endswith("; using 600")
+
+
+# -- one option read from the raw lines, as configparser would read it -------------------
+
+_LINES = st.sampled_from(
+    [
+        "[network]", "[hooks]", "[DEFAULT]", "[ network ]", "[network] junk", "[]", "[a]b]",
+        "provision = vxlan, vlan", "PROVISION: vlan", "provision=", "provision = a = b",
+        "provision : x = y", "keep = brvx-1", "rename_bridges = no", " provision = vxlan",
+        "\tcontinued", "# provision = vlan", "; provision = vlan", "  # indented comment",
+        "", "   ", "no delimiter", "= empty name", "provision\t=\tvxlan\r", "é = ü",
+        "provision = vxlan\x0cvlan", "provision = vxlan\x1cvlan",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_LINES, max_size=8))
+@example(["[DEFAULT]", "provision = vlan", "[network]"])
+@example(["[network]", "provision = vxlan", "[hooks]", "[network]"])
+@example(["[network]", "provision = vxlan", "[hooks]", "x = 1", "X = 2"])
+@example(["[network]", "provision = vxlan,", "  vlan"])
+def test_raw_reads_what_configparser_reads_or_says_it_cannot(lines):
+    """Whatever the file, HookConf.raw either agrees with configparser or hands over to it."""
+    from kvmhook import config
+    from kvmhook.errors import ConfigError
+
+    data = "\n".join(lines).encode()
+    conf = hookconf.HookConf("kvmhook.conf", data)
+    try:
+        raw = conf.raw("network", "provision")
+    except hookconf.RawReadError:
+        return
+    try:
+        parsed = config.parse(data, "kvmhook.conf").get("network", "provision", fallback=None)
+    except ConfigError as error:
+        pytest.fail(f"raw read {raw!r} where configparser fails: {error}")
+    assert raw == parsed
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", []),
+        ("[network]\nprovision = vxlan, vlan\n", ["vxlan", "vlan"]),
+        ("[network]\nprovision = VLAN\n", ["vlan"]),
+        ("[network]\nprovision = none\n", []),
+        ("[network]\nprovision =\n", []),
+        ("[network]\nprovision = vxlan,\n  vlan\n", ["vxlan", "vlan"]),  # parsed: continued
+        ("[hooks]\nprovision = vxlan\n", []),
+    ],
+)
+def test_provisions(text, words):
+    conf = hookconf.HookConf("kvmhook.conf", text.encode())
+    assert hookconf.provisions(conf, pytest.fail) == words
+
+
+def test_provisions_says_an_unknown_kind_and_a_broken_file():
+    said: list[str] = []
+    conf = hookconf.HookConf("k.conf", b"[network]\nprovision = vxlan, gre\n")
+    assert hookconf.provisions(conf, said.append) == ["vxlan"]
+    broken = hookconf.HookConf("k.conf", b"[network]\nprovision = vxlan\nprovision = vlan\n")
+    assert hookconf.provisions(broken, said.append) == []
+    assert said[0] == "[network] provision: 'gre' is neither vxlan nor vlan; left out"
+    assert said[1].startswith("k.conf") and said[1].endswith("[network] provision unset")
