@@ -120,6 +120,12 @@ TABLE: dict[str, dict[int, str]] = {
         FAILED: "the network devices in /sys/class/net cannot be read",
         USAGE: _USAGE,
     },
+    "kvmhook network gc": {
+        OK: "every bridge no guest uses removed (or, with --dry-run, listed), or none to remove",
+        FAILED: "a bridge could not be removed (`ip`'s answer), or kvmhook.conf or"
+        " /run/kvmhook/bridges could not be read",
+        USAGE: _USAGE,
+    },
     "keystore-setup": {
         OK: "key and placeholder in the keystore, passphrase kept, CSR written",
         FAILED: "failed: one line on stderr says why",

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from kvmhook import exitcodes
+from kvmhook import exitcodes, paths
 from kvmhook.cli.options import connect_option, failure, with_exit_codes
-from kvmhook.errors import VirtError
-from kvmhook.net import inventory
+from kvmhook.errors import ConfigError, KvmhookError, VirtError
+from kvmhook.net import inventory, provision
 
 _COLUMNS = ("NAME", "KIND", "ID", "UNDERLAY", "MADE", "PORTS")
 
@@ -23,9 +23,18 @@ number come from CloudStack's names, the bridge's port first:
 UNDERLAY is the lower_* link of that VXLAN or VLAN port in sysfs (for a
 VLAN port without one, the PIF of its name); PORTS are the other ports,
 each guest tap shown as its guest's name when libvirt answers (else the
-tap names, said once on stderr). MADE: kvmhook made the bridge, as
-remembered in /run/kvmhook/bridges/ by [network] provision at prepare
-begin (until that provisioning is installed, every bridge says no)."""
+tap names, said once on stderr). MADE: kvmhook made the bridge ([network]
+provision, at prepare begin), as remembered in /run/kvmhook/bridges/."""
+
+_GC = """\b
+A bridge kvmhook made goes at the release end of the last guest using
+it. This command is for those a lost release left (libvirtd or the hook
+killed): each remembered bridge goes, with its VXLAN or VLAN device and
+the multicast route kvmhook added, when no port is left on it and no
+guest libvirt runs claims it (when libvirt does not answer, every claim
+counts, and a warning says so). Bridges named in [network] keep stay;
+bridges kvmhook did not make are never touched; a remembered bridge
+that no longer exists is forgotten."""
 
 
 @click.group()
@@ -63,6 +72,43 @@ def list_(as_json: bool, source_uri: str) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@network.command(
+    "gc",
+    epilog=with_exit_codes("kvmhook network gc", _GC, "Example: kvmhook network gc --dry-run"),
+)
+@click.option("--dry-run", is_flag=True, help="Say which bridges would go; remove none.")
+@connect_option
+def gc(dry_run: bool, source_uri: str) -> None:
+    """Remove the bridges kvmhook made that no guest uses any more."""
+    # Imported here: loading libvirt-python costs every other command ~50 ms.
+    from kvmhook.hook import hookconf
+    from kvmhook.host import virt
+
+    try:
+        active: list[str] | None = [guest.name for guest in virt.running_guests(source_uri)]
+    except VirtError as error:
+        click.echo(f"warning: every claim counts: {error}", err=True)
+        active = None
+    try:
+        conf = hookconf.read()
+    except OSError as error:
+        why = f"cannot read {paths.kvmhook_conf()}: {error.strerror}"
+        raise failure(why, exitcodes.FAILED) from None
+    try:
+        keep = hookconf.words(conf, "network", "keep", _config_problem)
+        removed, failed = provision.gc(keep, active, dry_run, click.echo)
+    except KvmhookError as error:
+        raise failure(str(error), exitcodes.FAILED) from None
+    for name in removed if dry_run else []:
+        click.echo(f"would remove bridge {name}")
+    if failed:
+        raise failure("; ".join(failed), exitcodes.FAILED)
+
+
+def _config_problem(problem: str) -> None:
+    raise ConfigError(problem)
 
 
 def _guests_by_tap(source_uri: str) -> dict[str, str]:

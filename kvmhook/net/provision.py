@@ -198,6 +198,8 @@ def gc(
     `active` (the guests libvirt runs; None when it does not answer: then every claim
     counts). Returns (removed or, with `dry_run`, to remove; not removed: the reasons)."""
     removed, failed = [], []
+    if not remembered():
+        say("kvmhook remembers no bridge it made: nothing to remove")
     for name in remembered():
         try:
             with _Lock(name):
