@@ -28,7 +28,8 @@ dies, PID 1 sees EOF and stops the same way, so nothing outlives a crash.
 `TwoHosts(nics=...)` adds a CloudStack-like guest network (the veth renamed
 as a NIC, in bridge cloudbr0, named in agent.properties); add_bridge,
 guest_xml's bridges and udp_datagram let a test attach guests to bridges and
-send traffic across them.
+send traffic across them; link_details and made_bridges show what a host's
+hook made of them.
 
 Used by tests/e2e/test_migration.py, test_maintenance_mode.py,
 test_rotation_e2e.py, test_guest_networks.py and benchmarks/migration.py;
@@ -445,6 +446,17 @@ class Host:
     def delete_link(self, name: str) -> None:
         """`ip link del NAME` (a bridge goes with it; its ports stay, unenslaved)."""
         self.run("ip", "link", "del", name)
+
+    def link_details(self, name: str) -> str | None:
+        """`ip -d link show NAME` (kind, VNI, group, port, master...), or None when this host
+        has no such device."""
+        result = self.run("ip", "-d", "link", "show", name, check=False)
+        return result.stdout if result.returncode == 0 else None
+
+    def made_bridges(self) -> list[str]:
+        """The bridges this host's kvmhook remembers making (/run/kvmhook/bridges/ inside)."""
+        listed = self.run("ls", "-1", "/run/kvmhook/bridges", check=False)
+        return listed.stdout.split() if listed.returncode == 0 else []
 
     def guest_network(self, nic: str, bridge: str = GUEST_BRIDGE) -> None:
         """This host's veth renamed `nic` (as if it were the host's NIC), enslaved in a new
