@@ -127,6 +127,20 @@ def test_no_candidate_name_means_no_parse(here):
     assert said == []
 
 
+@pytest.mark.parametrize(
+    ("xml", "parsed"),
+    [
+        (b"<x><source bridge='brvx-5000'/><source bridge=\"brvx-6000\"/>", False),
+        (b"<x><source bridge='brvx-5000'/><source bridge='brenp1s0-100'/>", True),
+        (b"<x><source bridge='brvx-5000'/>cloudVirBr", True),
+        (b"<x><source bridge='brv'/>", True),
+    ],
+)
+def test_vxlan_bridges_alone_need_no_parse(xml, parsed):
+    """brvx- bridges are never renamed: a VXLAN guest's migration pays no parse either."""
+    assert bridges.may_rename(xml) is parsed
+
+
 def test_the_bridges_vlan_suffix_is_cut(here):
     """P is the bridge's non-tap port with its .<vlan> suffix cut (cloudbr1 over bond0.20)."""
     net_tree(here, {"bond0.20": None, "cloudbr1": ["vnet3", "bond0.20"]})

@@ -46,8 +46,16 @@ class NoPhysicalDevice(KvmhookError):
 
 def may_rename(xml: bytes) -> bool:
     """Whether `xml` holds a bridge name the table may change: a cheap look at the bytes,
-    so a host whose guests use none pays no parse."""
-    return any(mark in xml for mark in _MARKS)
+    so a host whose guests use none (VXLAN's brvx- bridges included) pays no parse."""
+    if _MARKS[0] in xml:
+        return True
+    for mark in _MARKS[1:]:
+        at = xml.find(mark)
+        while at >= 0:
+            if not xml.startswith(b"vx-", at + len(mark)):
+                return True
+            at = xml.find(mark, at + 1)
+    return False
 
 
 def vlan_to_rename(bridge: str, exists: Callable[[str], bool]) -> str | None:
