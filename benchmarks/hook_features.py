@@ -9,6 +9,11 @@ with the installed launcher and one trivial custom script:
   (the hook reads it and skips parsing).
 - veto policy: `start` with `[hooks] on_failure = abort` against no file.
 - admission control: `prepare` with `[capacity] admission = enforce` against no file.
+- bridge provisioning (`[network] provision = vxlan, vlan`), the guest's bridge
+  brvx-5000 present in a sysfs tree under the sandbox: `prepare` where kvmhook made
+  it (claimed under its lock) or the operator did, against `prepare` with a
+  kvmhook.conf that provisions nothing; `release` where another guest still uses a
+  made bridge (kept) against `release` on a host where kvmhook made nothing.
 - per-guest script: the script in `custom/<domain>/` against the same script global.
 - rewrite chain: `migrate` (the private outbox) against `start`, and a script writing
   the XML to $KVMHOOK_XML_OUT against the same script writing it to /dev/null.
@@ -36,9 +41,13 @@ UUID = "7f3d2a9e-0000-4000-8000-000000000001"
 XML = (
     f"<domain type='qemu'><name>bench</name><uuid>{UUID}</uuid>"
     "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-    "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>\n"
+    "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+    "<interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='brvx-5000'/>"
+    "<model type='virtio'/></interface></devices></domain>\n"
 )
 TRIVIAL = "#!/bin/sh\nexit 0\n"
+PROVISION = "[network]\nprovision = vxlan, vlan\n"
+NO_PROVISION = "[network]\nrename_bridges = yes\n"
 
 
 class Sandbox:
@@ -66,6 +75,16 @@ class Sandbox:
         path.parent.mkdir(exist_ok=True)
         path.write_text(body)
         path.chmod(0o755)
+        return self
+
+    def bridge(self, name: str, made_for: str | None = None) -> Sandbox:
+        """A bridge in <root>/sys/class/net; made by kvmhook for guest `made_for` when given."""
+        (self.root / "sys/class/net" / name / "brif").mkdir(parents=True)
+        (self.root / "sys/class/net" / name / "bridge").mkdir()
+        if made_for is not None:
+            memory = self.root / "run/kvmhook/bridges" / name
+            memory.mkdir(parents=True)
+            (memory / f"guest.{made_for}").touch()
         return self
 
     def command(self, operation: str) -> tuple[list[str], dict[str, str]]:
@@ -112,6 +131,27 @@ def pairs(base: Path, against: str | None) -> dict[str, tuple[tuple, tuple]]:
             .script("all_10")
             .command("prepare"),
             plain.command("prepare"),
+        ),
+        "provision on, made bridge present (prepare)": (
+            Sandbox(base, "made", PROVISION)
+            .bridge("brvx-5000", made_for="other")
+            .script("all_10")
+            .command("prepare"),
+            Sandbox(base, "unprovisioned", NO_PROVISION).script("all_10").command("prepare"),
+        ),
+        "provision on, operator's bridge present (prepare)": (
+            Sandbox(base, "operators", PROVISION)
+            .bridge("brvx-5000")
+            .script("all_10")
+            .command("prepare"),
+            Sandbox(base, "unprovisioned2", NO_PROVISION).script("all_10").command("prepare"),
+        ),
+        "made bridge another guest uses (release)": (
+            Sandbox(base, "release", PROVISION)
+            .bridge("brvx-5000", made_for="other")
+            .script("all_10")
+            .command("release"),
+            plain.command("release"),
         ),
         "per-guest script (start)": (
             Sandbox(base, "guest").script("bench/all_10").command("start"),
