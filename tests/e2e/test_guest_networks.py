@@ -434,7 +434,8 @@ def test_a_bridge_the_operator_made_survives_its_guest_s_stop(overlay):
         assert not records_saying(b, name, OPERATORS), hook_records(b, name)
     finally:
         remove_guest(overlay, name)
-        b.delete_link(OPERATORS)
+        if OPERATORS in b.links():  # else the test failed for it: say that, not this
+            b.delete_link(OPERATORS)
 
 
 def test_a_vlan_bridge_is_made_or_refused_with_the_kernel_s_words(overlay):
