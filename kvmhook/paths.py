@@ -58,6 +58,16 @@ def tls_files() -> dict[str, str]:
     }
 
 
+def vnc_tls_files() -> dict[str, str]:
+    """The guests' consoles' TLS files (qemu.conf's vnc_tls_x509_cert_dir, which reads them by
+    these names): the host's identity, as for QEMU's own directory."""
+    return {
+        "vnc ca": under_root("/etc/pki/libvirt-vnc/ca-cert.pem"),
+        "vnc server cert": under_root("/etc/pki/libvirt-vnc/server-cert.pem"),
+        "vnc server key": under_root("/etc/pki/libvirt-vnc/server-key.pem"),
+    }
+
+
 def agent_dir() -> str:
     """The CloudStack agent's directory: agent.properties, cloud.jks, cloud.crt/key/ca.crt."""
     return under_root("/etc/cloudstack/agent")

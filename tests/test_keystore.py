@@ -35,18 +35,20 @@ IMPORT = BIN / "keystore-cert-import"
 PASSPHRASE = "s3cret-Pass_1"
 PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----\r?\n", re.S)
 # Where the import puts libvirt's and QEMU's TLS files, relative to the root, by kind.
-TLS_CA = ["etc/pki/CA/cacert.pem", "etc/pki/qemu/ca-cert.pem"]
+TLS_CA = ["etc/pki/CA/cacert.pem", "etc/pki/qemu/ca-cert.pem", "etc/pki/libvirt-vnc/ca-cert.pem"]
 TLS_CERTS = [
     "etc/pki/libvirt/servercert.pem",
     "etc/pki/libvirt/clientcert.pem",
     "etc/pki/qemu/server-cert.pem",
     "etc/pki/qemu/client-cert.pem",
+    "etc/pki/libvirt-vnc/server-cert.pem",
 ]
 TLS_KEYS = [
     "etc/pki/libvirt/private/serverkey.pem",
     "etc/pki/libvirt/private/clientkey.pem",
     "etc/pki/qemu/server-key.pem",
     "etc/pki/qemu/client-key.pem",
+    "etc/pki/libvirt-vnc/server-key.pem",
 ]
 
 
@@ -659,7 +661,8 @@ def test_content_with_trailing_spaces_imports(tmp_path, ca, spaces):
 
 def test_tls_files_installed_when_libvirtd_conf_exists(tmp_path, ca):
     """With <root>/etc/libvirt/libvirtd.conf the CA, certs (cert + intermediate) and keys go to
-    libvirt's and QEMU's places; keys 0640 to QEMU's group (or 0600 without one)."""
+    libvirt's, QEMU's and the consoles' (libvirt-vnc) places; keys 0640 to QEMU's group (or
+    0600 without one)."""
     agent = Agent.create(tmp_path, libvirtd=True)
     ok(agent.setup())
     leaf = ca.intermediate.sign_csr(agent.csr.read_bytes())
@@ -681,7 +684,7 @@ def test_tls_files_installed_when_libvirtd_conf_exists(tmp_path, ca):
             assert mode_of(path) == 0o600, name
         else:
             assert (mode_of(path), path.stat().st_gid) == (0o640, group), name
-    for directory in ("etc/pki/CA", "etc/pki/libvirt", "etc/pki/qemu"):
+    for directory in ("etc/pki/CA", "etc/pki/libvirt", "etc/pki/qemu", "etc/pki/libvirt-vnc"):
         assert mode_of(agent.root / directory) == 0o755, directory
     assert mode_of(agent.root / "etc/pki/libvirt/private") == 0o750
     served = agent.root / "etc/pki/libvirt/servercert.pem"
@@ -700,7 +703,7 @@ def _tls_paths(root: Path) -> list[str]:
     old = os.environ.get("KVMHOOK_ROOT")
     os.environ["KVMHOOK_ROOT"] = str(root)
     try:
-        return list(paths.tls_files().values())
+        return [*paths.tls_files().values(), *paths.vnc_tls_files().values()]
     finally:
         if old is None:
             del os.environ["KVMHOOK_ROOT"]

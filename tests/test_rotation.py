@@ -40,6 +40,9 @@ TLS = (
     "etc/pki/qemu/server-key.pem",
     "etc/pki/qemu/client-cert.pem",
     "etc/pki/qemu/client-key.pem",
+    "etc/pki/libvirt-vnc/ca-cert.pem",
+    "etc/pki/libvirt-vnc/server-cert.pem",
+    "etc/pki/libvirt-vnc/server-key.pem",
 )
 AGENT = ("cloud.crt", "cloud.key", "cloud.ca.crt", "cloud.jks")
 
@@ -199,6 +202,26 @@ def test_rollback_swaps_with_the_previous_set(host):
     assert kvmhook("cert", "status", "--warn-days", "5").returncode == 0
     assert kvmhook("cert", "rollback").returncode == 0
     assert {path: path.read_bytes() for path in host.set_files()} == new
+
+
+def test_a_host_imported_before_consoles_gets_them_and_can_roll_back(host):
+    """A set installed before the console files existed: the renewal installs them, and a
+    rollback gives them the previous identity (QEMU's previous server files)."""
+    vnc = host.root / "etc/pki/libvirt-vnc"
+    shutil.rmtree(vnc)
+    old = {
+        name: (host.root / "etc/pki/qemu" / name).read_bytes()
+        for name in os.listdir(vnc.parent / "qemu")
+    }
+    assert kvmhook("cert", "renew", "--signer", host.signer()).returncode == 0
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        assert (vnc / name).read_bytes() == (host.root / "etc/pki/qemu" / name).read_bytes()
+        assert not (vnc / f"{name}.prev").exists()
+    result = kvmhook("cert", "rollback")
+    assert result.returncode == 0, result.stderr
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        assert (vnc / name).read_bytes() == old[name], name
+    assert kvmhook("cert", "status", "--warn-days", "5").returncode == 0
 
 
 def test_rollback_without_a_previous_set_changes_nothing(host):

@@ -3,8 +3,8 @@ keystore and beside it.
 
 Everything is checked before anything is written: the certificate matches the
 key, chains to the given CA certificates, and is valid now. Then the PEM
-files, the libvirt and QEMU TLS files (when this host runs libvirtd) and,
-last, the keystore are replaced atomically.
+files, the libvirt, QEMU and console (VNC) TLS files (when this host runs
+libvirtd) and, last, the keystore are replaced atomically.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _pem_targets(
     ]
     if os.path.exists(paths.libvirtd_conf()):
         qemu_group = _qemu_group()
-        for role, path in paths.tls_files().items():
+        for role, path in {**paths.tls_files(), **paths.vnc_tls_files()}.items():
             if role.endswith(" ca"):
                 files.append((path, "cas", 0o644, None))
             elif role.endswith(" cert"):

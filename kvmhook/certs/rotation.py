@@ -185,7 +185,8 @@ def rollback(
     agent = paths.agent_files(agent_dir)
     with locks.certificates(RenewalBusyError, say):
         targets = _targets(agent)
-        missing = [path + PREVIOUS for path in targets if not os.path.exists(path + PREVIOUS)]
+        sources = {target: _previous_of(target) for target in targets}
+        missing = [source for source in sources.values() if not os.path.exists(source)]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise RotationError(
@@ -200,11 +201,22 @@ def rollback(
         def stage(files: Transaction) -> None:
             for target in targets:
                 now = snapshot.SavedFile.read(target)
-                before = snapshot.SavedFile.read(target + PREVIOUS)
+                before = snapshot.SavedFile.read(sources.get(target, target + PREVIOUS))
                 before.stage(files, target)
                 now.stage(files, target + PREVIOUS)
 
         return RolledBack(previous, _swap(stage, swapped, previous, plan, say))
+
+
+def _previous_of(target: str) -> str:
+    """Where the previous content of `target` is: its .prev; for a console file that has
+    none (its first renewal, on a host imported before consoles had files), the .prev of
+    QEMU's file of the same role, which held the same identity."""
+    previous = target + PREVIOUS
+    console = {path: role for role, path in paths.vnc_tls_files().items()}.get(target)
+    if console is None or os.path.exists(previous):
+        return previous
+    return paths.tls_files()[console.replace("vnc", "qemu", 1)] + PREVIOUS
 
 
 def _stage_keeping_previous(files: Transaction, installation: certimport.Installation) -> None:
