@@ -51,6 +51,8 @@ ENABLED_LINES = {
         'default_tls_x509_cert_dir = "/etc/pki/qemu"',
         "migrate_tls_x509_verify = 1",
         "migrate_tls_force = 1",
+        "vnc_tls = 1",
+        'vnc_tls_x509_cert_dir = "/etc/pki/libvirt-vnc"',
     ],
     DEFAULTS: ['LIBVIRTD_ARGS="--listen"'],
 }
@@ -297,6 +299,99 @@ def test_a_write_failure_leaves_every_file_byte_identical(root, monkeypatch, fai
         with pytest.raises(TlsError, match="No space left on device"):
             tls.enable()
     assert snapshot(root) == before
+
+
+# the guests' consoles (VNC)
+
+VNC_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def qemu_conf(root: Path) -> ConfFile:
+    return ConfFile((root / QEMU_CONF).read_text())
+
+
+def test_enable_sets_the_consoles_tls_but_never_their_client_verification(root):
+    install_certificates(root)
+    result = invoke("enable")
+    assert result.exit_code == 0, result.output
+    conf = qemu_conf(root)
+    assert (conf.get("vnc_tls"), conf.get("vnc_tls_x509_cert_dir")) == (
+        "1",
+        '"/etc/pki/libvirt-vnc"',
+    )
+    assert conf.get("vnc_tls_x509_verify") is None
+    assert "keep their console as it was until they restart" in result.output
+
+
+def test_a_host_imported_before_consoles_keeps_them_as_they_are_and_is_told_how(root):
+    """No libvirt-vnc files: a cert dir without them would stop libvirtd, so no vnc_tls; the
+    rest is enabled, and the output says how to get the files."""
+    install_certificates(root)
+    for name in VNC_FILES[1:]:
+        (root / "etc/pki/libvirt-vnc" / name).unlink()
+    result = invoke("enable")
+    assert result.exit_code == 0, result.output
+    conf = qemu_conf(root)
+    assert conf.get("vnc_tls") is None and conf.get("vnc_tls_x509_cert_dir") is None
+    assert conf.get("migrate_tls_force") == "1"
+    assert "consoles: the consoles' settings left as they are:" in result.output
+    assert "kvmhook cert renew" in result.output
+
+
+def test_no_vnc_leaves_the_consoles_alone_both_ways(root):
+    install_certificates(root)
+    set_conf(root / QEMU_CONF, "vnc_tls", "1")
+    assert invoke("enable", "--no-vnc").exit_code == 0
+    assert qemu_conf(root).get("vnc_tls_x509_cert_dir") is None
+    assert invoke("disable", "--no-vnc").exit_code == 0
+    assert qemu_conf(root).get("vnc_tls") == "1"
+    assert invoke("disable").exit_code == 0
+    assert qemu_conf(root).get("vnc_tls") == "0"
+
+
+def test_disable_turns_the_consoles_tls_off_and_only_where_on(root):
+    install_certificates(root)
+    tls.enable()
+    tls.disable()
+    assert qemu_conf(root).get("vnc_tls") == "0"
+    (root / QEMU_CONF).write_bytes((DATA / "qemu.conf").read_bytes())  # vnc_tls never set
+    tls.disable()
+    assert qemu_conf(root).get("vnc_tls") is None
+
+
+def test_status_reports_the_consoles_files(root):
+    install_certificates(root)
+    report = tls.status(handshake=False)
+    [vnc] = [item for item in report.items if item.name == "vnc server certificate"]
+    assert vnc.ok and "valid until" in vnc.detail
+    for name in VNC_FILES:
+        (root / "etc/pki/libvirt-vnc" / name).unlink()
+    report = tls.status(handshake=False)
+    [vnc] = [item for item in report.items if item.name == "vnc server certificate"]
+    assert vnc.ok and vnc.detail.startswith("not installed: the consoles have no certificate")
+
+
+def test_a_console_key_that_does_not_match_fails_its_item(root):
+    install_certificates(root)
+    other = testca.key_pem(testca.new_key("ec"))
+    (root / "etc/pki/libvirt-vnc/server-key.pem").write_bytes(other)
+    report = tls.status(handshake=False)
+    assert "vnc server certificate" in failing_items(report)
+
+
+def test_expiring_certificates_are_warnings_never_failures(root):
+    """Within the alert period: one warning per certificate (the CA's too), naming it; the
+    items and "secured" are what they are without the period."""
+    install_certificates(root)
+    near = tls.status(handshake=False, alert_days=100000)
+    far = tls.status(handshake=False, alert_days=0)
+    assert [item.ok for item in near.items] == [item.ok for item in far.items]
+    assert far.warnings == []
+    named = "\n".join(near.warnings)
+    for name in ("agent", "libvirt server", "libvirt client", "qemu server", "qemu client"):
+        assert f"the {name} certificate (" in named
+    assert "the vnc server certificate (" in named and "the CA " in named
+    assert all(" expires in " in warning for warning in near.warnings)
 
 
 def test_enable_refuses_without_certificates_and_changes_nothing(root):
@@ -572,11 +667,13 @@ def test_status_json_lists_every_item_and_exits_1_when_not_secured(secured):
         "libvirt client certificate",
         "qemu server certificate",
         "qemu client certificate",
+        "vnc server certificate",
         "libvirtd.conf",
         "startup",
         "tls handshake",
         "qemu.conf",
     ]
+    assert report["warnings"] == []  # valid for longer than the alert period (15 days)
     failed = [item for item in report["items"] if not item["ok"]]
     assert [item["name"] for item in failed] == ["tls handshake"]
     assert "Connection refused" in failed[0]["detail"]
@@ -652,7 +749,7 @@ def test_status_is_secured_and_exits_0_when_everything_holds(secured, serve):
     output = result.output.splitlines()
     assert output[-1] == "secured"
     assert all(line.startswith("ok ") for line in output[:-1]), result.output
-    assert len(output) == 10
+    assert len(output) == 11
 
 
 def test_handshake_succeeds_with_the_installed_client_certificate(secured, serve):

@@ -2,7 +2,8 @@
 renewal or rollback must find before it changes them.
 
 A set is a certificate with its key and CA bundle: the agent's (beside its
-keystore), libvirt's server and client, QEMU's server and client. Each is
+keystore), libvirt's server and client, QEMU's server and client, and the
+consoles' (VNC; optional: hosts imported before it have none). Each is
 checked for presence, key match, chain and validity; all copies must hold
 the same certificate and key. A renewal's new chain must end at a root the
 installed CA bundle holds (check_trusted); a rollback's kept set must hold
@@ -22,6 +23,8 @@ from kvmhook.certs import agentkeystore, agentproperties, pki
 from kvmhook.errors import KvmhookError
 
 DEFAULT_WARN_DAYS = 30
+# Sets a host may lack without anything being wrong: imported before they existed.
+OPTIONAL = ("vnc server",)
 
 
 class Finding:
@@ -38,10 +41,13 @@ class Finding:
         self.chain_verifies: bool | None = None
         self.fingerprint: str | None = None
         self.key_fingerprint: str | None = None
+        self.installed = True  # False only for an OPTIONAL set none of whose files exists
+        self.expires: datetime.datetime | None = None
 
     def as_dict(self) -> dict:
         return {
             "name": self.name,
+            "installed": self.installed,
             "files": self.files,
             "subject": self.subject,
             "sans": self.sans,
@@ -63,6 +69,8 @@ def certificate_sets(agent_dir: str) -> list[tuple[str, str, str, str]]:
         for side in ("libvirt server", "libvirt client", "qemu server", "qemu client"):
             daemon = side.split()[0]
             sets.append((side, tls[f"{side} cert"], tls[f"{side} key"], tls[f"{daemon} ca"]))
+        vnc = paths.vnc_tls_files()
+        sets.append(("vnc server", vnc["vnc server cert"], vnc["vnc server key"], vnc["vnc ca"]))
     return sets
 
 
@@ -89,6 +97,9 @@ def inspect(agent_dir: str, warn_days: int, now: datetime.datetime | None = None
 
 
 def _inspect(finding: Finding, warn_days: int, now: datetime.datetime) -> Finding:
+    if finding.name in OPTIONAL and not any(map(os.path.lexists, finding.files.values())):
+        finding.installed = False
+        return finding
     try:
         certs = pki.load_certificates(_read(finding.files["cert"]), finding.files["cert"])
         cert = certs[0]
@@ -113,7 +124,8 @@ def _inspect(finding: Finding, warn_days: int, now: datetime.datetime) -> Findin
 def _describe(finding: Finding, cert: x509.Certificate, now: datetime.datetime, warn: int) -> None:
     finding.subject = cert.subject.rfc4514_string()
     finding.issuer = cert.issuer.rfc4514_string()
-    finding.not_after = pki.not_after(cert).isoformat() + "Z"
+    finding.expires = pki.not_after(cert)
+    finding.not_after = finding.expires.isoformat() + "Z"
     finding.fingerprint = cert.fingerprint(hashes.SHA256()).hex()
     finding.days_left = (pki.not_after(cert) - now).days
     try:
@@ -127,6 +139,39 @@ def _describe(finding: Finding, cert: x509.Certificate, now: datetime.datetime, 
         finding.problems.append(f"expires in {finding.days_left} days (warning at {warn})")
     if now < pki.not_before(cert):
         finding.problems.append(f"not valid before {pki.not_before(cert)} UTC")
+
+
+def expiring(
+    findings: list[Finding], within_days: int, now: datetime.datetime | None = None
+) -> list[str]:
+    """One warning per certificate of the sets, and per CA certificate of their CA files,
+    that expires within `within_days` (or has expired): what and when."""
+    now = now or pki.utcnow()
+    limit = now + datetime.timedelta(days=within_days)
+    warnings = []
+    for finding in findings:
+        if finding.expires is not None and finding.expires <= limit:
+            warnings.append(
+                f"the {finding.name} certificate ({finding.files['cert']}) "
+                f"{_when(finding.expires, now)}"
+            )
+    for ca_file in dict.fromkeys(finding.files["ca"] for finding in findings if finding.installed):
+        try:
+            cas = pki.load_certificates(_read(ca_file), ca_file)
+        except KvmhookError:
+            continue  # unreadable: its set's problems say so
+        for ca in cas:
+            if pki.not_after(ca) <= limit:
+                warnings.append(
+                    f"the CA {pki.describe(ca)} ({ca_file}) {_when(pki.not_after(ca), now)}"
+                )
+    return warnings
+
+
+def _when(not_after: datetime.datetime, now: datetime.datetime) -> str:
+    if not_after <= now:
+        return f"expired on {not_after.isoformat()}Z"
+    return f"expires in {(not_after - now).days} days, on {not_after.isoformat()}Z"
 
 
 def _key_id(key: pki.PrivateKey) -> str:

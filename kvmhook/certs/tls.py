@@ -7,9 +7,9 @@ switch replaced together, each beside a `.bak` of its previous content.
 Paths written inside the files are the host's own (`/etc/pki/...`, the
 KVMHOOK_ROOT prefix taken off): the daemons read them on their host.
 
-Everything enable writes other than the three switches (listen_tls, the
-start-up's TLS listener, migrate_tls_force) equals libvirt's default, so
-disable turns off just those three.
+Everything enable writes other than the four switches (listen_tls, the
+start-up's TLS listener, migrate_tls_force, vnc_tls) equals libvirt's
+default, so disable turns off just those four.
 """
 
 from __future__ import annotations
@@ -53,14 +53,20 @@ class Check:
 
 
 class Report:
-    """Every check; the host is secured when each one holds."""
+    """Every check; the host is secured when each one holds. `warnings` (certificates near
+    expiry) never change that: a host near expiry must still be drainable."""
 
-    def __init__(self, items: list[Check]) -> None:
+    def __init__(self, items: list[Check], warnings: list[str]) -> None:
         self.items = items
+        self.warnings = warnings
         self.secured = all(item.ok for item in items)
 
     def as_dict(self) -> dict:
-        return {"secured": self.secured, "items": [item.as_dict() for item in self.items]}
+        return {
+            "secured": self.secured,
+            "items": [item.as_dict() for item in self.items],
+            "warnings": self.warnings,
+        }
 
 
 class FileChange:
@@ -73,38 +79,45 @@ class FileChange:
 
 
 class Change:
-    """What enable or disable did: the start-up style, the files rewritten, the socket switched."""
+    """What enable or disable did: the start-up style, the files rewritten, the socket switched;
+    `consoles`: why the consoles' settings were left as they were (None: they were not)."""
 
     def __init__(self, found: startup.Startup, files: list[FileChange], socket: bool) -> None:
         self.startup = found
         self.files = files
         self.socket = socket
+        self.consoles: str | None = None
 
     @property
     def changed(self) -> bool:
         return bool(self.files) or self.socket
 
 
-def status(agent_dir: str | None = None, handshake: bool = True) -> Report:
+def status(
+    agent_dir: str | None = None, handshake: bool = True, alert_days: int | None = None
+) -> Report:
     """Whether this host is secured, item by item; what it finds never raises.
 
-    Certificates (agent, libvirt, QEMU), the serving daemon's configuration,
-    its start-up listening for TLS, a real TLS handshake with the installed
-    client certificate (unless `handshake` is False), and qemu.conf.
+    Certificates (agent, libvirt, QEMU, the consoles' when installed), the
+    serving daemon's configuration, its start-up listening for TLS, a real TLS
+    handshake with the installed client certificate (unless `handshake` is
+    False), and qemu.conf. With `alert_days`, a warning for each certificate
+    of the set, CA included, expiring within that many days.
     """
     found = startup.detect()
-    # Expiry warnings are `kvmhook cert status`'s business: here, what breaks TLS now.
+    # Expiry is a warning here, never a failing item: what breaks TLS now fails.
     findings = certificates.inspect(agent_dir or paths.agent_dir(), warn_days=0)
     items = [
         Check(f"{finding.name} certificate", not finding.problems, _finding_detail(finding))
         for finding in findings
     ]
+    warnings = [] if alert_days is None else certificates.expiring(findings, alert_days)
     items.append(_item(os.path.basename(found.conf), _daemon_conf_check, found.conf))
     items.append(_item("startup", _startup_check, found))
     if handshake:
         items.append(_item("tls handshake", serving.check_handshake, found.conf))
     items.append(_item("qemu.conf", _qemu_conf_check, paths.qemu_conf()))
-    return Report(items)
+    return Report(items, warnings)
 
 
 def _item(name: str, check: Callable[..., tuple[bool, str]], *args: object) -> Check:
@@ -115,6 +128,8 @@ def _item(name: str, check: Callable[..., tuple[bool, str]], *args: object) -> C
 
 
 def _finding_detail(finding: certificates.Finding) -> str:
+    if not finding.installed:
+        return f"not installed: {console_files_hint()}"
     if finding.problems:
         return "; ".join(finding.problems)
     return f"{finding.subject}, issued by {finding.issuer}, valid until {finding.not_after}"
@@ -159,7 +174,7 @@ def _qemu_conf_check(path: str) -> tuple[bool, str]:
     conf = ConfFile(read(path))
     problems = [
         _wanted(key, conf.get(key), value)
-        for key, value in _qemu_on(conf).items()
+        for key, value in _qemu_on(conf, consoles=False).items()  # consoles: not migration
         if unquote(conf.get(key) or "") != unquote(value)
     ]
     qemu_dir = _qemu_dir()
@@ -171,8 +186,18 @@ def _qemu_conf_check(path: str) -> tuple[bool, str]:
     return True, f"{path}: migration over TLS with {qemu_dir}, peers verified"
 
 
-def enable() -> Change:
-    """Switch TLS on: the daemon's and QEMU's settings, and the start-up's TLS listener.
+def console_files_hint() -> str:
+    """What a host without the consoles' files does to get them."""
+    where = os.path.dirname(paths.on_host(paths.vnc_tls_files()["vnc ca"]))
+    return (
+        f"the consoles have no certificate files in {where}; `kvmhook cert renew` (with"
+        " --if-expiring-within omitted) or a new keystore-cert-import installs them"
+    )
+
+
+def enable(vnc: bool = True) -> Change:
+    """Switch TLS on: the daemon's and QEMU's settings, and the start-up's TLS listener; with
+    `vnc`, the consoles' TLS too when their files are installed.
 
     Refuses, changing nothing, when the certificate files are not installed.
     """
@@ -184,24 +209,45 @@ def enable() -> Change:
             "import the host's certificate first (keystore-cert-import, with libvirtd.conf present)"
         )
     found = startup.detect()
-    edits = [_conf_edit(found.conf, _daemon_on), _conf_edit(paths.qemu_conf(), _qemu_on)]
+    consoles = _consoles_left(vnc)
+    qemu_on = functools.partial(_qemu_on, consoles=consoles is None)
+    edits = [_conf_edit(found.conf, _daemon_on), _conf_edit(paths.qemu_conf(), qemu_on)]
     if found.defaults is not None:
         edits.append(_args_edit(found.defaults, listen=True))
-    return _switch(found, edits, on=True)
+    change = _switch(found, edits, on=True)
+    change.consoles = consoles
+    return change
 
 
-def disable() -> Change:
-    """Switch TLS off: listen_tls = 0, no TLS listener at start-up, migration TLS not forced.
+def _consoles_left(vnc: bool) -> str | None:
+    """Why enable leaves the consoles' settings as they are; None when it sets them.
+
+    A vnc_tls_x509_cert_dir without its files would stop libvirtd from starting.
+    """
+    if not vnc:
+        return "--no-vnc: the consoles' settings left as they are"
+    missing = [path for path in paths.vnc_tls_files().values() if not os.path.exists(path)]
+    if missing:
+        return f"the consoles' settings left as they are: {console_files_hint()}"
+    return None
+
+
+def disable(vnc: bool = True) -> Change:
+    """Switch TLS off: listen_tls = 0, no TLS listener at start-up, migration TLS not forced,
+    and, with `vnc`, vnc_tls = 0 where it is on.
 
     Changes nothing where TLS is off already: no listener at start-up, no
-    listen_tls line or listen_tls = 0, and migrate_tls_force unset or 0.
+    listen_tls line or listen_tls = 0, migrate_tls_force and vnc_tls unset or 0.
     """
     found = startup.detect()
     daemon_off = functools.partial(_daemon_off, listens=_listens(found))
-    edits = [_conf_edit(found.conf, daemon_off), _conf_edit(paths.qemu_conf(), _qemu_off)]
+    qemu_off = functools.partial(_qemu_off, consoles=vnc)
+    edits = [_conf_edit(found.conf, daemon_off), _conf_edit(paths.qemu_conf(), qemu_off)]
     if found.defaults is not None:
         edits.append(_args_edit(found.defaults, listen=False))
-    return _switch(found, edits, on=False)
+    change = _switch(found, edits, on=False)
+    change.consoles = None if vnc else "--no-vnc: the consoles' settings left as they are"
+    return change
 
 
 def _daemon_on(conf: ConfFile) -> dict[str, str]:
@@ -224,7 +270,7 @@ def _daemon_off(conf: ConfFile, listens: bool) -> dict[str, str]:
     return {"listen_tls": "0"}
 
 
-def _qemu_on(conf: ConfFile) -> dict[str, str]:
+def _qemu_on(conf: ConfFile, consoles: bool) -> dict[str, str]:
     wanted = {
         "default_tls_x509_cert_dir": quote(_qemu_dir()),
         # Not default_tls_x509_verify: it would also demand client certificates
@@ -233,11 +279,19 @@ def _qemu_on(conf: ConfFile) -> dict[str, str]:
     }
     if _knows_tls_force(conf):
         wanted["migrate_tls_force"] = "1"
+    if consoles:
+        # Never vnc_tls_x509_verify: it inherits default_tls_x509_verify, the operator's
+        # choice; client certificates would lock out console proxies that have none.
+        wanted["vnc_tls"] = "1"
+        wanted["vnc_tls_x509_cert_dir"] = quote(_vnc_dir())
     return wanted
 
 
-def _qemu_off(conf: ConfFile) -> dict[str, str]:
-    return {} if conf.get("migrate_tls_force") is None else {"migrate_tls_force": "0"}
+def _qemu_off(conf: ConfFile, consoles: bool) -> dict[str, str]:
+    wanted = {} if conf.get("migrate_tls_force") is None else {"migrate_tls_force": "0"}
+    if consoles and conf.get("vnc_tls") not in (None, "0"):
+        wanted["vnc_tls"] = "0"
+    return wanted
 
 
 def _knows_tls_force(conf: ConfFile) -> bool:
@@ -251,6 +305,10 @@ def _knows_tls_force(conf: ConfFile) -> bool:
 
 def _qemu_dir() -> str:
     return os.path.dirname(paths.on_host(paths.tls_files()["qemu ca"]))
+
+
+def _vnc_dir() -> str:
+    return os.path.dirname(paths.on_host(paths.vnc_tls_files()["vnc ca"]))
 
 
 class _Edit:

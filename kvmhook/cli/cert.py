@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from kvmhook import exitcodes, limits, paths
-from kvmhook.certs import certificates, pki
+from kvmhook.certs import certificates, pki, tls
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -42,9 +42,11 @@ def cert() -> None:
 )
 def status(agent_dir: str | None, as_json: bool, warn_days: int) -> None:
     """Show the agent's certificate (cloud.crt/key/ca.crt and the keystore) and,
-    when libvirtd is configured here, libvirt's and QEMU's TLS files: subject,
-    SANs, issuer, expiry, key match, chain, and whether all copies agree.
-    Exits 1 when anything is wrong or expires within --warn-days."""
+    when libvirtd is configured here, libvirt's, QEMU's and the consoles' (VNC)
+    TLS files: subject, SANs, issuer, expiry, key match, chain, and whether all
+    copies agree. Exits 1 when anything is wrong or expires within
+    --warn-days; consoles' files that are not installed at all (a host
+    imported before kvmhook installed them) are said, not a problem."""
     findings = certificates.inspect(agent_dir or paths.agent_dir(), warn_days)
     if as_json:
         click.echo(json.dumps([finding.as_dict() for finding in findings], indent=2))
@@ -56,6 +58,9 @@ def status(agent_dir: str | None, as_json: bool, warn_days: int) -> None:
 
 
 def _show(finding: certificates.Finding) -> None:
+    if not finding.installed:
+        click.echo(f"{finding.name}: not installed ({tls.console_files_hint()})")
+        return
     state = "ok" if not finding.problems else "PROBLEM"
     click.echo(f"{finding.name}: {state}")
     click.echo(f"  certificate  {finding.files['cert']}")
