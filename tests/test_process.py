@@ -221,6 +221,22 @@ def test_end_record_names_the_signal_that_ended_the_script(host, command, ending
     assert end_of(host, "all_sig")[0] == ending
 
 
+def test_scripts_start_with_every_signal_at_its_default(host):
+    """A hook (or `kvmhook hooks run`) started with SIGHUP ignored, as under nohup: its scripts
+    still die of SIGHUP, as they do when libvirt starts the hook (it resets every signal)."""
+    host.script("all_sig", "kill -HUP $$\nsleep 0.1\nexit 0\n")
+    subprocess.run(
+        [sys.executable, "-m", "kvmhook.qemu", *ARGS],
+        input=b"<domain/>",
+        env=host.env(),
+        capture_output=True,
+        check=True,
+        timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert end_of(host, "all_sig")[0] == "killed by SIGHUP"
+
+
 HOOK_PEAK_HELPER = """
 import json, resource, subprocess, sys
 xml = open(sys.argv[1], "rb").read()

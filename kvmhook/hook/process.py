@@ -40,6 +40,8 @@ _TICK = 0.01
 _MAX_SEGMENTS = 1024
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, only named in Python >= 3.10
 _STDOUT, _STDERR = "stdout", "stderr"
+# The signals a child starts with at their default action (none can set SIGKILL or SIGSTOP).
+_DEFAULTED = _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP}
 
 
 class Outcome:
@@ -209,10 +211,11 @@ def run(
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
             ],
             setsid=True,
-            # Python ignores SIGPIPE and SIGXFSZ; a child must start with the defaults,
-            # and with no signal blocked (a caller may be deferring SIGTERM), so that a
-            # timeout's SIGTERM reaches it.
-            setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
+            # Every signal at its default, as libvirt starts the hook itself: Python
+            # ignores SIGPIPE and SIGXFSZ, and `kvmhook hooks run` may be started by nohup
+            # (SIGHUP ignored); and no signal blocked (a caller may be deferring SIGTERM),
+            # so that a timeout's SIGTERM reaches it.
+            setsigdef=_DEFAULTED,
             setsigmask=(),
         )
     except BaseException:
