@@ -22,6 +22,11 @@ ABORTED = 4
 # kvmhook cert renew and rollback
 ROLLED_BACK = 3
 ROLLBACK_FAILED = 4
+CONSOLES_STALE = 5
+_CONSOLES = (
+    "{done} and served by libvirtd; some consoles still serve the {old} certificate until their"
+    " guest restarts (each listed, with why: QEMU older than 6.0, a guest gone)"
+)
 
 _USAGE = "usage error: a bad or missing option or argument"
 
@@ -55,6 +60,7 @@ TABLE: dict[str, dict[int, str]] = {
         " back in place and served",
         ROLLBACK_FAILED: "putting the previous set back failed too (the message says what"
         " the host holds now)",
+        CONSOLES_STALE: _CONSOLES.format(done="renewed", old="old"),
     },
     "kvmhook cert rollback": {
         OK: "rolled back: the previous set is in place and served",
@@ -64,6 +70,7 @@ TABLE: dict[str, dict[int, str]] = {
         " back from is back in place and served",
         ROLLBACK_FAILED: "restoring the set rolled back from failed too (the message says"
         " what the host holds now)",
+        CONSOLES_STALE: _CONSOLES.format(done="rolled back", old="rolled-back-from"),
     },
     "kvmhook tls status": {
         OK: "secured",

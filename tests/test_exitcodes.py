@@ -23,8 +23,22 @@ CONTRACT = {
     "kvmhook hooks run": {0: "every", 1: "a", 2: "usage"},
     "kvmhook hooks log": {0: "shown", 1: "no", 2: "usage"},
     "kvmhook cert status": {0: "every", 1: "a", 2: "usage"},
-    "kvmhook cert renew": {0: "renewed", 1: "failed", 2: "usage", 3: "the", 4: "putting"},
-    "kvmhook cert rollback": {0: "rolled", 1: "failed", 2: "usage", 3: "the", 4: "restoring"},
+    "kvmhook cert renew": {
+        0: "renewed",
+        1: "failed",
+        2: "usage",
+        3: "the",
+        4: "putting",
+        5: "renewed",
+    },
+    "kvmhook cert rollback": {
+        0: "rolled",
+        1: "failed",
+        2: "usage",
+        3: "the",
+        4: "restoring",
+        5: "rolled",
+    },
     "kvmhook tls status": {0: "secured", 1: "not", 2: "usage"},
     "kvmhook tls enable": {0: "TLS", 1: "failed", 2: "usage"},
     "kvmhook tls disable": {0: "TLS", 1: "failed", 2: "usage"},
@@ -73,6 +87,7 @@ def test_the_shared_numbers():
     assert (exitcodes.OK, exitcodes.FAILED, exitcodes.USAGE) == (0, 1, 2)
     assert (exitcodes.REFUSED, exitcodes.ABORTED) == (3, 4)
     assert (exitcodes.ROLLED_BACK, exitcodes.ROLLBACK_FAILED) == (3, 4)
+    assert exitcodes.CONSOLES_STALE == 5
 
 
 def test_every_command_is_in_the_table():

@@ -390,3 +390,54 @@ def test_agent_dir_holds_the_ca_that_verifies_the_controller(host, tmp_path):
     assert "issueCertificate" in fake.commands
     new = x509.load_pem_x509_certificate((moved / "cloud.crt").read_bytes())
     assert new.serial_number != old.serial_number
+
+
+# -- the consoles after a renewal or rollback ---------------------------------------------
+
+
+def test_the_consoles_line_and_exit_5_when_some_could_not_reload(capsys):
+    """Each console that kept its certificate is named with why, on stderr; exit status 5.
+    (The reload itself runs against a real libvirtd and QEMU in tests/e2e.)"""
+    import importlib
+
+    from kvmhook.certs import rotation
+
+    cert = importlib.import_module("kvmhook.cli.cert")  # the package names the group `cert`
+    done = rotation.Consoles(True, {"vm1": None, "vm2": "its QEMU has no display-reload"})
+    with pytest.raises(SystemExit) as stopped:
+        cert._with_consoles("renewed: ...", done)
+    assert stopped.value.code == 5
+    out, err = capsys.readouterr()
+    assert out == (
+        "renewed: ...\nconsoles: 1 running guest with a TLS console re-read the files"
+        " (display-reload)\n"
+    )
+    assert err == (
+        "console not reloaded, it serves the certificate it had until its guest restarts:"
+        " vm2: its QEMU has no display-reload\n"
+    )
+    unlisted = rotation.Consoles(True, error="cannot connect to qemu:///system")
+    with pytest.raises(SystemExit):
+        cert._with_consoles("renewed: ...", unlisted)
+    assert "the running guests could not be listed: cannot connect" in capsys.readouterr().err
+    assert cert._with_consoles("x", rotation.Consoles(False)) == "x"
+    assert cert._with_consoles("x", rotation.Consoles(True, {})).endswith(
+        "0 running guests with a TLS console re-read the files (display-reload)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "tls"),
+    [
+        ([{"id": "default", "auth": "vencrypt", "vencrypt": "x509-none", "server": []}], True),
+        ([{"id": "default", "auth": "none", "server": [{"auth": "vencrypt"}]}], True),
+        ([{"id": "default", "auth": "none", "server": [{"auth": "none"}]}], False),
+        ([], False),
+        ({"unexpected": True}, False),
+        (["junk"], False),
+    ],
+)
+def test_a_console_uses_tls_when_qemu_says_vencrypt(reply, tls):
+    from kvmhook.host import virt
+
+    assert virt._uses_tls(reply) is tls

@@ -16,7 +16,11 @@ A renewal (`renew`) is the controller's flow run by the agent itself:
 6. the daemon reloads, and a fresh TLS handshake must present the new
    certificate's serial;
 7. if 6 fails, every file (and .prev) goes back to what it was, the daemon
-   reloads again and must present the previous serial.
+   reloads again and must present the previous serial;
+8. once the daemon serves the new set, each running guest whose console
+   (VNC) uses TLS re-reads its files: QMP display-reload through libvirt
+   (reload_consoles). A console that cannot (QEMU older than 6.0, a guest
+   gone) is reported, never a reason to roll back: the daemon's set is good.
 
 `rollback` swaps each file with its .prev (after checking that the previous
 set is whole and valid) through the same steps 5 to 7.
@@ -51,7 +55,7 @@ from kvmhook.certs import (
     pki,
     snapshot,
 )
-from kvmhook.certs.serving import Served, ServingPlan
+from kvmhook.certs.serving import NOT_RUNNING, SKIPPED, Served, ServingPlan
 from kvmhook.certs.signers import Signer
 from kvmhook.errors import (
     ControllerError,
@@ -61,6 +65,7 @@ from kvmhook.errors import (
     RollbackFailedError,
     RolledBackError,
     RotationError,
+    VirtError,
 )
 from kvmhook.files import Transaction
 
@@ -93,25 +98,50 @@ class DryRun:
         self.plan = plan
 
 
-class Renewed:
-    """The new set is installed and `served`; the one it replaced (`previous`, the certificate
-    or None) is kept as the PREVIOUS set."""
+class Consoles:
+    """The running guests' consoles told to re-read their certificate files: `reloaded`
+    guests, `failed` {guest: why not}, or `error` when the guests could not be listed.
+    `asked` is False when nothing was tried (the daemon was not reloaded, or not running)."""
 
     def __init__(
-        self, previous: x509.Certificate | None, new: x509.Certificate, served: Served
+        self, asked: bool, outcome: dict[str, str | None] | None = None, error: str | None = None
+    ) -> None:
+        self.asked = asked
+        self.reloaded = sorted(guest for guest, why in (outcome or {}).items() if why is None)
+        self.failed = {guest: why for guest, why in sorted((outcome or {}).items()) if why}
+        self.error = error
+
+    @property
+    def complete(self) -> bool:
+        """Every console serves the files on disk (as far as anyone could tell)."""
+        return not self.failed and self.error is None
+
+
+class Renewed:
+    """The new set is installed and `served`; the one it replaced (`previous`, the certificate
+    or None) is kept as the PREVIOUS set; `consoles` reloaded as far as they could be."""
+
+    def __init__(
+        self,
+        previous: x509.Certificate | None,
+        new: x509.Certificate,
+        served: Served,
+        consoles: Consoles,
     ) -> None:
         self.previous = previous
         self.new = new
         self.served = served
+        self.consoles = consoles
 
 
 class RolledBack:
     """The PREVIOUS set (its certificate `cert`) is installed and `served`; the set rolled
-    back from is now the PREVIOUS set."""
+    back from is now the PREVIOUS set; `consoles` reloaded as far as they could be."""
 
-    def __init__(self, cert: x509.Certificate, served: Served) -> None:
+    def __init__(self, cert: x509.Certificate, served: Served, consoles: Consoles) -> None:
         self.cert = cert
         self.served = served
+        self.consoles = consoles
 
 
 def alert_period(agent_dir: str | None, say: Say) -> int:
@@ -140,6 +170,7 @@ def renew(
     validity_days: int = 365,
     key_type: str = "rsa",
     say: Say = lambda line: None,
+    consoles_uri: str = "qemu:///system",
 ) -> NotDue | DryRun | Renewed:
     """Renew the key and certificate of the agent in `agent_dir` (None: the default; see the
     module's steps); what was done.
@@ -170,11 +201,14 @@ def renew(
         served = _swap(
             lambda files: _stage_keeping_previous(files, installation), replaced, new, plan, say
         )
-        return Renewed(current, new, served)
+        return Renewed(current, new, served, reload_consoles(served, consoles_uri))
 
 
 def rollback(
-    agent_dir: str | None, allow_restart: bool = False, say: Say = lambda line: None
+    agent_dir: str | None,
+    allow_restart: bool = False,
+    say: Say = lambda line: None,
+    consoles_uri: str = "qemu:///system",
 ) -> RolledBack:
     """Swap every file of the set with its .prev copy, then reload; what was done.
 
@@ -205,7 +239,22 @@ def rollback(
                 before.stage(files, target)
                 now.stage(files, target + PREVIOUS)
 
-        return RolledBack(previous, _swap(stage, swapped, previous, plan, say))
+        served = _swap(stage, swapped, previous, plan, say)
+        return RolledBack(previous, served, reload_consoles(served, consoles_uri))
+
+
+def reload_consoles(served: Served, uri: str) -> Consoles:
+    """After the daemon serves the new files: every running guest whose console uses TLS
+    re-reads them (QMP display-reload; no guest restarts). Nothing is asked when the daemon
+    was not reloaded (--no-reload) or is not running: then no guest is reachable."""
+    from kvmhook.host import virt  # here: libvirt-python costs ~50 ms to import
+
+    if served.how in (SKIPPED, NOT_RUNNING):
+        return Consoles(asked=False)
+    try:
+        return Consoles(asked=True, outcome=virt.reload_consoles(uri))
+    except VirtError as error:
+        return Consoles(asked=True, error=str(error))
 
 
 def _previous_of(target: str) -> str:

@@ -15,7 +15,14 @@ if TYPE_CHECKING:
     from cryptography import x509
 
     from kvmhook.certs import rotation
-from kvmhook.cli.options import DAYS, DAYS_FROM_0, agent_dir_option, failure, with_exit_codes
+from kvmhook.cli.options import (
+    DAYS,
+    DAYS_FROM_0,
+    agent_dir_option,
+    connect_option,
+    failure,
+    with_exit_codes,
+)
 from kvmhook.errors import KvmhookError
 
 
@@ -143,6 +150,7 @@ def _days(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 )
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
 @click.option("--restart", is_flag=True, help="The earlier name of --reload (the default).")
+@connect_option
 def renew(
     agent_dir: str | None,
     within: int | str | None,
@@ -154,6 +162,7 @@ def renew(
     days: int,
     key_type: str,
     restart: bool,
+    source_uri: str,
 ) -> None:
     """Rotate the agent's key and certificate without restarting anything: a
     new key and CSR, signed by --signer or the controller, checked as
@@ -162,8 +171,12 @@ def renew(
     files), each file replaced atomically beside a FILE.prev copy of the
     previous one. Then the running daemon reloads its TLS files and a fresh
     handshake on its TLS port must present the new serial; if not, the
-    previous set is put back and reloaded. Renewals and rollbacks wait for
-    each other (a lock in /run/kvmhook)."""
+    previous set is put back and reloaded. Then each running guest whose
+    console (VNC) uses TLS re-reads its certificate files (QMP display-reload
+    through libvirt, which marks the guest "tainted: custom-monitor"); no
+    guest restarts. A console that cannot (QEMU older than 6.0, a guest
+    gone) is listed, and the exit status is 5. Renewals and rollbacks wait
+    for each other (a lock in /run/kvmhook)."""
     from kvmhook.certs import rotation, signers
 
     if signer is not None and use_controller:
@@ -191,6 +204,7 @@ def renew(
                 validity_days=days,
                 key_type=key_type,
                 say=say,
+                consoles_uri=source_uri,
             )
         )
     )
@@ -207,15 +221,21 @@ def renew(
     is_flag=True,
     help="Restart the daemon (systemd) when it cannot reload its TLS files online.",
 )
-def rollback(agent_dir: str | None, allow_restart: bool) -> None:
+@connect_option
+def rollback(agent_dir: str | None, allow_restart: bool, source_uri: str) -> None:
     """Put back the set the last renewal replaced (every FILE.prev), after
-    checking it is whole and valid, and make the running daemon serve it
-    (same checks and exit codes as renew). The set rolled back from becomes
-    the FILE.prev set: rolling back again returns to it."""
+    checking it is whole and valid, and make the running daemon and the
+    running guests' consoles serve it (same checks and exit codes as renew).
+    The set rolled back from becomes the FILE.prev set: rolling back again
+    returns to it."""
     from kvmhook.certs import rotation
 
     say = functools.partial(click.echo, err=True)
-    _report(lambda: _rolled_back(rotation.rollback(agent_dir, allow_restart, say=say)))
+    _report(
+        lambda: _rolled_back(
+            rotation.rollback(agent_dir, allow_restart, say=say, consoles_uri=source_uri)
+        )
+    )
 
 
 def _renewal(done: rotation.NotDue | rotation.DryRun | rotation.Renewed) -> str:
@@ -236,10 +256,11 @@ def _renewal(done: rotation.NotDue | rotation.DryRun | rotation.Renewed) -> str:
             ]
         )
     was = f"serial {pki.serial(done.previous)} -> " if done.previous is not None else ""
-    return (
+    return _with_consoles(
         f"renewed: {done.new.subject.rfc4514_string()}, {was}serial {pki.serial(done.new)},"
         f" valid until {pki.not_after(done.new)} UTC; {done.served.describe()};"
-        f" the previous set is kept as *{rotation.PREVIOUS} (kvmhook cert rollback)"
+        f" the previous set is kept as *{rotation.PREVIOUS} (kvmhook cert rollback)",
+        done.consoles,
     )
 
 
@@ -248,11 +269,37 @@ def _rolled_back(done: rotation.RolledBack) -> str:
     from kvmhook.certs import rotation
 
     cert = done.cert
-    return (
+    return _with_consoles(
         f"rolled back to {cert.subject.rfc4514_string()}, serial {pki.serial(cert)},"
         f" valid until {pki.not_after(cert)} UTC; {done.served.describe()}; the set rolled back"
-        f" from is now the *{rotation.PREVIOUS} set"
+        f" from is now the *{rotation.PREVIOUS} set",
+        done.consoles,
     )
+
+
+def _with_consoles(line: str, consoles: rotation.Consoles) -> str:
+    """`line`, then what became of the consoles: the guests whose console could not re-read
+    its files each on a line of stderr, and exit status 5."""
+    if not consoles.asked:
+        return line
+    reloaded = len(consoles.reloaded)
+    line += (
+        f"\nconsoles: {reloaded} running guest{'s' if reloaded != 1 else ''} with a TLS console"
+        " re-read the files (display-reload)"
+    )
+    if consoles.complete:
+        return line
+    click.echo(line)
+    problems = [f"{guest}: {why}" for guest, why in consoles.failed.items()]
+    if consoles.error is not None:
+        problems.append(f"the running guests could not be listed: {consoles.error}")
+    for problem in problems:
+        click.echo(
+            f"console not reloaded, it serves the certificate it had until its guest restarts:"
+            f" {problem}",
+            err=True,
+        )
+    raise SystemExit(exitcodes.CONSOLES_STALE)
 
 
 def _describe(cert: x509.Certificate) -> str:

@@ -225,3 +225,63 @@ def _live_xml_or_none(domain: libvirt.virDomain) -> str | None:
         if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise VirtError(f"cannot read the definition of {domain.name()}: {error}") from None
+
+
+# QMP, through libvirt's monitor passthrough: the only way libvirt offers to reach a running
+# QEMU's display-reload. libvirt marks each guest it is used on "tainted: custom-monitor".
+_QUERY_VNC = {"execute": "query-vnc-servers"}
+_RELOAD_VNC = {"execute": "display-reload", "arguments": {"type": "vnc", "tls-certs": True}}
+
+
+def reload_consoles(uri: str) -> dict[str, str | None]:
+    """Make each running guest on `uri` whose VNC console uses TLS re-read its certificate
+    files: {guest: None when reloaded, else why not}. Guests without a VNC console are not
+    asked anything; those whose VNC has no TLS are left out after asking."""
+    with connect(uri) as conn:
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot list the guests on {uri}: {error}") from None
+        done: dict[str, str | None] = {}
+        for domain in domains:
+            xml = _live_xml_or_none(domain)
+            if xml is None or "<graphics type='vnc'" not in xml:
+                continue
+            try:
+                if _uses_tls(_monitor(domain, _QUERY_VNC)):
+                    _monitor(domain, _RELOAD_VNC)
+                    done[domain.name()] = None
+            except VirtError as error:
+                done[domain.name()] = str(error)
+    return done
+
+
+def _uses_tls(servers: object) -> bool:
+    """Whether query-vnc-servers' answer has a VNC server authenticating with VeNCrypt (TLS)."""
+    entries = (
+        [server for server in servers if isinstance(server, dict)]
+        if isinstance(servers, list)
+        else []
+    )
+    listeners = [entry for server in entries for entry in [server, *server.get("server", [])]]
+    return any(isinstance(entry, dict) and entry.get("auth") == "vencrypt" for entry in listeners)
+
+
+def _monitor(domain: libvirt.virDomain, command: dict) -> object:
+    """The `return` of one QMP command; VirtError saying why when QEMU or libvirt refuses."""
+    import json
+
+    import libvirt_qemu
+
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(domain, json.dumps(command), 0))
+    except libvirt.libvirtError as error:
+        if error.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise VirtError("the guest went away") from None
+        raise VirtError(str(error)) from None
+    problem = reply.get("error") if isinstance(reply, dict) else {"desc": "no JSON object"}
+    if problem is None:
+        return reply.get("return")
+    if problem.get("class") == "CommandNotFound":
+        raise VirtError(f"its QEMU has no {command['execute']} (QEMU 6.0 or later has)")
+    raise VirtError(f"QEMU refused {command['execute']}: {problem.get('desc')}")
