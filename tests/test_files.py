@@ -215,11 +215,13 @@ def test_a_symlink_target_never_lends_its_owner(tmp_path):
 
 # --- the real import --------------------------------------------------------------------
 
-# An import with libvirtd.conf: 14 targets (cloud.crt, cloud.ca.crt, cloud.key, 10 TLS
-# files, the keystore), all existing, in 5 directories.
+# An import with libvirtd.conf: 17 targets (cloud.crt, cloud.ca.crt, cloud.key, 13 TLS
+# files, the keystore), all existing, in 6 directories (the agent's, CA, libvirt,
+# libvirt/private, qemu, libvirt-vnc).
 IMPORT_TARGETS = 3 + len(TLS_CA + TLS_CERTS + TLS_KEYS) + 1
+IMPORT_DIRECTORIES = 6
 IMPORT_LAST_RENAME = IMPORT_TARGETS + 1 + IMPORT_TARGETS
-IMPORT_STEPS = IMPORT_LAST_RENAME + IMPORT_TARGETS + 5
+IMPORT_STEPS = IMPORT_LAST_RENAME + IMPORT_TARGETS + IMPORT_DIRECTORIES
 
 
 @pytest.fixture(scope="module")
