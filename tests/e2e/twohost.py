@@ -32,8 +32,9 @@ send traffic across them; link_details and made_bridges show what a host's
 hook made of them.
 
 Used by tests/e2e/test_migration.py, test_maintenance_mode.py,
-test_rotation_e2e.py, test_guest_networks.py and benchmarks/migration.py;
-root only.
+test_rotation_e2e.py, test_guest_networks.py, test_console_tls.py (one Host
+alone, guests with a VNC console: guest_xml's `vnc`) and
+benchmarks/migration.py; root only.
 """
 
 from __future__ import annotations
@@ -644,20 +645,31 @@ def connect(a: Host, b: Host) -> None:
         a.run("ping", "-c", "1", "-W", "5", b.address)
 
 
+# A VNC console on the host's loopback, port chosen by libvirt (5900 + n; `virsh vncdisplay`).
+VNC_GRAPHICS = "<graphics type='vnc' listen='127.0.0.1' port='-1' autoport='yes'/>"
+
+
 def guest_xml(
-    name: str, memory_mib: int = 64, kernel: Path | None = None, bridges: Sequence[str] = ()
+    name: str,
+    memory_mib: int = 64,
+    kernel: Path | None = None,
+    bridges: Sequence[str] = (),
+    vnc: bool = False,
 ) -> str:
     """A diskless TCG guest (libvirt-facts.md); `kernel` boots that image with -kernel; one
-    virtio NIC on each of `bridges` (libvirt makes a vnetN tap in it), MACs from guest_mac."""
+    virtio NIC on each of `bridges` (libvirt makes a vnetN tap in it), MACs from guest_mac;
+    `vnc` adds a VNC console on 127.0.0.1 (TLS when qemu.conf has vnc_tls = 1)."""
     boot = f"<kernel>{kernel}</kernel>" if kernel is not None else ""
     nics = "".join(
         interface_xml(bridge, guest_mac(name, index)) for index, bridge in enumerate(bridges)
     )
+    graphics = VNC_GRAPHICS if vnc else ""
     return (
         f"<domain type='qemu'><name>{name}</name>"
         f"<memory unit='MiB'>{memory_mib}</memory><vcpu>1</vcpu>"
         f"<os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>"
-        f"<devices><emulator>{QEMU}</emulator>{nics}<console type='pty'/></devices></domain>"
+        f"<devices><emulator>{QEMU}</emulator>{nics}<console type='pty'/>{graphics}"
+        "</devices></domain>"
     )
 
 
