@@ -7,11 +7,15 @@ source "$(dirname "$0")/venv.sh" test
 cd "$REPO"
 # tests/e2e: a real libvirtd and QEMU, the tools that build the packages; keytool
 # and openssl check the keystore tools; iproute2 makes the bridges, and
-# benchmarks/bridge_making.py measures pyroute2 against it.
+# benchmarks/bridge_making.py measures pyroute2 against it; prometheus's promtool
+# checks and unit-tests the alert rules (its daemon is not started in a container
+# whose policy-rc.d says no).
 need_debs libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 \
     make dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-click \
     python3-cryptography python3-cs python3-libvirt python3-psutil python3-requests \
-    rpm logrotate default-jre-headless default-jdk-headless openssl systemd iproute2 python3-pyroute2
+    python3-prometheus-client python3-structlog \
+    rpm logrotate default-jre-headless default-jdk-headless openssl systemd iproute2 python3-pyroute2 \
+    prometheus
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
