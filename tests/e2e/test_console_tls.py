@@ -246,7 +246,10 @@ def test_a_renewal_is_served_by_the_running_console_without_restarting_it(consol
     assert result.returncode == 0, result.stdout + result.stderr
     new = consoles.installed()
     assert new != old
-    assert consoles.served(guest) == new, "the running console still serves the old serial"
+    served = consoles.served(guest)
+    assert served == new, (
+        f"the running console serves {served:X} (the old one: {old:X}), not {new:X}"
+    )
     assert consoles_line(1) in result.stdout, result.stdout
     assert consoles.pids([guest]) == pids
     assert consoles.host.state(guest) == "running"
