@@ -15,7 +15,7 @@ need_debs libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-
     python3-cryptography python3-cs python3-libvirt python3-psutil python3-requests \
     python3-prometheus-client python3-structlog \
     rpm logrotate default-jre-headless default-jdk-headless openssl systemd iproute2 python3-pyroute2 \
-    prometheus
+    prometheus prometheus-node-exporter
 
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
