@@ -133,6 +133,11 @@ TABLE: dict[str, dict[int, str]] = {
         " /run/kvmhook/bridges could not be read",
         USAGE: _USAGE,
     },
+    "kvmhook metrics": {
+        OK: "printed, or written (a source that cannot be read is said on stderr and left out)",
+        FAILED: "the textfile could not be written",
+        USAGE: _USAGE,
+    },
     "keystore-setup": {
         OK: "key and placeholder in the keystore, passphrase kept, CSR written",
         FAILED: "failed: one line on stderr says why",

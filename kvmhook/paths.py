@@ -190,3 +190,13 @@ def made_bridges_dir() -> str:
 def bridge_lock(name: str) -> str:
     """The lock of one bridge kvmhook may make or remove (kvmhook.net.provision)."""
     return under_root(f"/run/kvmhook/bridge-locks/{name}")
+
+
+def renewal_record() -> str:
+    """When `kvmhook cert renew` last succeeded and failed (kvmhook.certs.renewalrecord)."""
+    return under_root("/var/lib/kvmhook/cert-renewal.json")
+
+
+def metrics_state() -> str:
+    """Where `kvmhook metrics` keeps its position in the hook log and the counts so far."""
+    return under_root("/var/lib/kvmhook/metrics-hooklog.json")

@@ -28,13 +28,14 @@ FLOOR=$REPO/build/venv-floor
 [ -x "$FLOOR/bin/python" ] || /usr/bin/python3 -m venv "$FLOOR"
 quiet_pip "$FLOOR/bin/pip" install -q --disable-pip-version-check click==7.1.2 \
     cryptography==36.0.1 libvirt-python==9.0.0 cs==2.7.1 requests==2.25.1 psutil \
-    pytest hypothesis pyfakefs
+    prometheus_client==0.9.0 structlog==21.1.0 pytest hypothesis pyfakefs
 quiet_pip "$FLOOR/bin/pip" install -q --disable-pip-version-check --no-deps \
     --config-settings editable_mode=compat -e "$REPO"
 "$FLOOR/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_cli.py tests/test_cert.py tests/test_rotation.py tests/test_keystore.py tests/test_pki.py tests/test_migrate.py \
     tests/test_tls_setup.py tests/test_controller.py tests/test_capacity.py tests/test_maintenance.py \
-    tests/test_exitcodes.py tests/test_cli_ranges.py tests/test_files.py tests/test_keystore_hardening.py
+    tests/test_exitcodes.py tests/test_cli_ranges.py tests/test_files.py tests/test_keystore_hardening.py \
+    tests/test_metrics.py
 
 status=0
 "$VENV/bin/python" -m pytest "$@" || status=$?

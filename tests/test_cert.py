@@ -136,11 +136,14 @@ def kvmhook(*args: str) -> subprocess.CompletedProcess:
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file's bytes and mode, but under run/ (the renewal lock: runtime state)."""
+    """Every file's bytes and mode, but under run/ (the renewal lock: runtime state) and the
+    renewal record."""
     return {
         str(path): (path.read_bytes(), path.stat().st_mode)
         for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.relative_to(directory).parts[0] != "run"
+        if path.is_file()
+        and path.relative_to(directory).parts[0] != "run"
+        and path.name != "cert-renewal.json"  # the metrics' record of each renewal's outcome
     }
 
 

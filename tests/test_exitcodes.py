@@ -55,6 +55,7 @@ CONTRACT = {
     "kvmhook maintenance status": {0: "shown", 1: "failed", 2: "usage"},
     "kvmhook network list": {0: "shown", 1: "the", 2: "usage"},
     "kvmhook network gc": {0: "every", 1: "a", 2: "usage"},
+    "kvmhook metrics": {0: "printed", 1: "the", 2: "usage"},
     "keystore-setup": {0: "key", 1: "failed", 2: "usage"},
     "keystore-cert-import": {0: "imported", 1: "failed", 2: "usage"},
     "qemu hook": {0: "libvirt", 1: "libvirt"},

@@ -27,6 +27,7 @@ from test_controller import https_files, write_conf
 from keystore import content
 from kvmhook.certs import pki
 
+RENEWAL_RECORD = "cert-renewal.json"
 BIN = Path(sys.executable).parent
 PASSPHRASE = "rotation-secret"
 TLS = (
@@ -115,11 +116,14 @@ def kvmhook(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def state(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under the root but the renewal lock under run/: bytes and mode."""
+    """Every file under the root but the renewal lock under run/ and the renewal record:
+    bytes and mode."""
     return {
         str(path): (path.read_bytes(), path.stat().st_mode)
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.relative_to(root).parts[0] != "run"
+        if path.is_file()
+        and path.relative_to(root).parts[0] != "run"
+        and path.name != RENEWAL_RECORD  # the metrics' record of each renewal's outcome
     }
 
 

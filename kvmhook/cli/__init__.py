@@ -10,6 +10,7 @@ from kvmhook.cli.capacity import capacity
 from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
 from kvmhook.cli.maintenance import maintenance
+from kvmhook.cli.metrics import metrics
 from kvmhook.cli.migrate import migrate
 from kvmhook.cli.network import network
 from kvmhook.cli.tls import tls
@@ -29,5 +30,6 @@ main.add_command(migrate)
 main.add_command(capacity)
 main.add_command(maintenance)
 main.add_command(network)
+main.add_command(metrics)
 
 __all__ = ["main"]

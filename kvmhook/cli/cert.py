@@ -192,21 +192,24 @@ def renew(
     say = functools.partial(click.echo, err=True)
     _report(
         lambda: _renewal(
-            rotation.renew(
-                agent_dir,
-                chosen,
-                functools.partial(rotation.alert_period, agent_dir, say)
-                if within == "auto"
-                else within,
-                reload=reload,
-                allow_restart=allow_restart,
-                dry_run=dry_run,
-                validity_days=days,
-                key_type=key_type,
-                say=say,
-                consoles_uri=source_uri,
+            _noted(
+                rotation.renew(
+                    agent_dir,
+                    chosen,
+                    functools.partial(rotation.alert_period, agent_dir, say)
+                    if within == "auto"
+                    else within,
+                    reload=reload,
+                    allow_restart=allow_restart,
+                    dry_run=dry_run,
+                    validity_days=days,
+                    key_type=key_type,
+                    say=say,
+                    consoles_uri=source_uri,
+                )
             )
-        )
+        ),
+        on_failure=functools.partial(_note, False),
     )
 
 
@@ -310,9 +313,33 @@ def _describe(cert: x509.Certificate) -> str:
     )
 
 
-def _report(action: Callable[[], str]) -> None:
+def _report(action: Callable[[], str], on_failure: Callable[[], None] = lambda: None) -> None:
     """Run a rotation and print its one line; its failure becomes one line and an exit code."""
     try:
         click.echo(action())
     except KvmhookError as error:
+        on_failure()
         raise failure(" ".join(str(error).split()), exitcodes.of(error)) from None
+
+
+def _noted(
+    done: rotation.NotDue | rotation.DryRun | rotation.Renewed,
+) -> rotation.NotDue | rotation.DryRun | rotation.Renewed:
+    """`done`, recorded for the renewal metrics when it renewed (consoles or not)."""
+    from kvmhook.certs import rotation
+
+    if isinstance(done, rotation.Renewed):
+        _note(True)
+    return done
+
+
+def _note(succeeded: bool) -> None:
+    """The renewal record (kvmhook.certs.renewalrecord); a failure to write it is a warning."""
+    from kvmhook.certs import renewalrecord
+
+    try:
+        renewalrecord.note(succeeded)
+    except OSError as error:
+        click.echo(
+            f"warning: cannot record the renewal for the metrics: {error.strerror}", err=True
+        )

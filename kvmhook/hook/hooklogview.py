@@ -205,7 +205,7 @@ def log_files(path: str, report: Report = lambda message: None) -> list[str]:
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def _open_regular(path: str) -> BinaryIO:
+def open_regular(path: str) -> BinaryIO:
     """`path` open for reading. Raises OSError, its strerror in words, unless a regular file.
 
     Looked at before it is opened: opening a FIFO or a device can block, or act
@@ -296,8 +296,8 @@ class _LogFile:
         self._skipped = 0
 
     def open(self, at_end: bool = False) -> None:
-        """Open the file, at its end if `at_end`. Raises OSError, as `_open_regular`."""
-        raw = _open_regular(self.path)
+        """Open the file, at its end if `at_end`. Raises OSError, as `open_regular`."""
+        raw = open_regular(self.path)
         if at_end:
             raw.seek(0, os.SEEK_END)
         self._streams = [raw]
