@@ -171,7 +171,9 @@ def expiring(
 def _when(not_after: datetime.datetime, now: datetime.datetime) -> str:
     if not_after <= now:
         return f"expired on {not_after.isoformat()}Z"
-    return f"expires in {(not_after - now).days} days, on {not_after.isoformat()}Z"
+    days = (not_after - now).days
+    left = "less than a day" if days < 1 else "1 day" if days == 1 else f"{days} days"
+    return f"expires in {left}, on {not_after.isoformat()}Z"
 
 
 def _key_id(key: pki.PrivateKey) -> str:

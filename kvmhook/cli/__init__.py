@@ -6,6 +6,7 @@ from importlib.metadata import version
 
 import click
 
+from kvmhook import events
 from kvmhook.cli.capacity import capacity
 from kvmhook.cli.cert import cert
 from kvmhook.cli.hooks import hooks
@@ -19,8 +20,18 @@ from kvmhook.cli.tls import tls
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 # version= rather than package_name=: RHEL 9 ships click 7.1, which lacks the latter.
 @click.version_option(version=version("kvmhook"), prog_name="kvmhook")
-def main() -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(events.FORMATS),
+    default="auto",
+    show_default=True,
+    envvar="KVMHOOK_LOG_FORMAT",
+    help="The long operations' events on stderr: key=value text, or one JSON object per "
+    "line (auto: JSON when systemd runs the command, JOURNAL_STREAM set; else text).",
+)
+def main(log_format: str) -> None:
     """Operate the kvmhook agent package on a KVM host."""
+    events.set_format(log_format)
 
 
 main.add_command(hooks)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from kvmhook import exitcodes, limits, paths
+from kvmhook import events, exitcodes, limits, paths
 from kvmhook.certs import certificates, pki, tls
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def renew(
                 )
             )
         ),
-        on_failure=functools.partial(_note, False),
+        on_failure=_failed_renewal,
     )
 
 
@@ -313,23 +313,42 @@ def _describe(cert: x509.Certificate) -> str:
     )
 
 
-def _report(action: Callable[[], str], on_failure: Callable[[], None] = lambda: None) -> None:
+def _report(
+    action: Callable[[], str], on_failure: Callable[[KvmhookError], None] = lambda error: None
+) -> None:
     """Run a rotation and print its one line; its failure becomes one line and an exit code."""
     try:
         click.echo(action())
     except KvmhookError as error:
-        on_failure()
+        on_failure(error)
         raise failure(" ".join(str(error).split()), exitcodes.of(error)) from None
+
+
+def _failed_renewal(error: KvmhookError) -> None:
+    _note(False)
+    events.failed("certificate.renewal_failed", error, exit_code=exitcodes.of(error))
 
 
 def _noted(
     done: rotation.NotDue | rotation.DryRun | rotation.Renewed,
 ) -> rotation.NotDue | rotation.DryRun | rotation.Renewed:
-    """`done`, recorded for the renewal metrics when it renewed (consoles or not)."""
+    """`done`, recorded for the renewal metrics when it renewed (consoles or not), and as an
+    event."""
     from kvmhook.certs import rotation
 
     if isinstance(done, rotation.Renewed):
         _note(True)
+        events.emit(
+            "certificate.renewed",
+            path=paths.on_host(paths.agent_files().cert),
+            serial=pki.serial(done.new),
+            previous_serial=None if done.previous is None else pki.serial(done.previous),
+            not_after=pki.not_after(done.new).isoformat() + "Z",
+            consoles_reloaded=len(done.consoles.reloaded),
+            consoles_stale=sorted(done.consoles.failed),
+        )
+    elif isinstance(done, rotation.NotDue):
+        events.emit("certificate.not_due", serial=pki.serial(done.current), within_days=done.days)
     return done
 
 

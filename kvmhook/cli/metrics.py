@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import click
 
-from kvmhook import exitcodes, paths
+from kvmhook import events, exitcodes, paths
 from kvmhook.cli.options import agent_dir_option, connect_option, failure, with_exit_codes
 
 _HOW = """\b
@@ -48,14 +49,17 @@ def metrics(directory: str | None, agent_dir: str | None, source_uri: str) -> No
         # Not made here: node_exporter's package owns it, and a typo must not pass silently.
         why = f"cannot write {directory}/{exposition.TEXTFILE}: no such directory"
         raise failure(why, exitcodes.FAILED)
+    began = time.monotonic()
     snapshot = exposition.take(
         agent_dir or paths.agent_dir(), source_uri, persist=directory is not None, say=say
     )
     if directory is None:
         click.echo(exposition.exposition(snapshot).decode(), nl=False)
+        events.emit("metrics.printed", duration_s=round(time.monotonic() - began, 3))
         return
     try:
-        exposition.write(directory, snapshot)
+        path = exposition.write(directory, snapshot)
     except OSError as error:
         why = f"cannot write {directory}/{exposition.TEXTFILE}: {error.strerror}"
         raise failure(why, exitcodes.FAILED) from None
+    events.emit("metrics.written", path=path, duration_s=round(time.monotonic() - began, 3))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
-from kvmhook import exitcodes
+from kvmhook import events, exitcodes
 from kvmhook.cli.options import BANDWIDTH, SECONDS, connect_option, failure, with_exit_codes
 from kvmhook.errors import KvmhookError, MigrationError
 
@@ -64,6 +65,8 @@ def migrate(
         raise click.BadParameter(str(error), param_hint="DEST_HOST") from None
     if not plan.secure:
         click.echo(kvmhook.host.migrate.INSECURE_WARNING, err=True)
+    began = time.monotonic()
+    events.emit("migration.start", guest=domain, host=dest_host, encrypted=plan.secure)
     try:
         kvmhook.host.migrate.migrate(
             domain,
@@ -75,6 +78,10 @@ def migrate(
             dest_check=kvmhook.host.migrate.dest_tls_problem,
         )
     except KvmhookError as error:
+        took = round(time.monotonic() - began, 3)
+        events.failed("migration.failed", error, guest=domain, host=dest_host, duration_s=took)
         raise failure(str(error), exitcodes.of(error)) from None
+    took = round(time.monotonic() - began, 3)
+    events.emit("migration.done", guest=domain, host=dest_host, duration_s=took)
     stream = "memory stream encrypted" if plan.secure else "CLEAR TEXT"
     click.echo(f"migrated {domain} to {dest_host} ({plan.dest_uri}, {stream})")

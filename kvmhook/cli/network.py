@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kvmhook import exitcodes, paths
+from kvmhook import events, exitcodes, paths
 from kvmhook.cli.options import connect_option, failure, with_exit_codes
 from kvmhook.errors import ConfigError, KvmhookError, VirtError
 from kvmhook.net import inventory, provision
@@ -103,8 +103,13 @@ def gc(dry_run: bool, source_uri: str) -> None:
         raise failure(str(error), exitcodes.FAILED) from None
     for name in removed if dry_run else []:
         click.echo(f"would remove bridge {name}")
+    for name in [] if dry_run else removed:
+        events.emit("bridge.removed", bridge=name)
     if failed:
-        raise failure("; ".join(failed), exitcodes.FAILED)
+        problem = "; ".join(failed)
+        events.failed("network.gc_failed", KvmhookError(problem), removed=len(removed))
+        raise failure(problem, exitcodes.FAILED)
+    events.emit("network.gc", removed=len(removed), dry_run=dry_run)
 
 
 def _config_problem(problem: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from kvmhook import locks, paths
+from kvmhook import events, locks, paths
 from kvmhook.errors import (
     DrainCancelledError,
     IllegalTransitionError,
@@ -111,6 +111,7 @@ def _record(state: str, reason: str = "") -> None:
         raise StateFileError(
             f"cannot record {state} in {paths.maintenance_state()}: {error.strerror}"
         ) from None
+    events.emit("maintenance.state", state=state, reason=reason)
 
 
 # --- this host and its peers, as maintenance reaches them through libvirt -----------------
@@ -244,6 +245,7 @@ def _move_guest(
 ) -> None:
     peer = max(free, key=free.__getitem__)  # on a tie, the first one named in --to
     report(f"moving {guest.name} ({_mib(guest.memory)}) to {peer} ({_mib(free[peer])} free)")
+    began = time.monotonic()
     try:
         hosts.migrate(guest.name, peer, _remaining(deadline))
     except KvmhookError as error:
@@ -251,10 +253,26 @@ def _move_guest(
         # Time out or Ctrl-C: the guests after this one wait for the next enter.
         drained.aborted = isinstance(error, MigrationAbortedError)
         report(f"{guest.name} stays: {error}")
+        took = round(time.monotonic() - began, 3)
+        events.emit(
+            "maintenance.guest_stays",
+            guest=guest.name,
+            host=peer,
+            error=str(error),
+            duration_s=took,
+        )
         return
     free[peer] -= guest.memory
     drained.moved.append(guest.name)
     report(f"moved {guest.name} to {peer}")
+    took = round(time.monotonic() - began, 3)
+    events.emit(
+        "maintenance.guest_moved",
+        guest=guest.name,
+        host=peer,
+        memory_bytes=guest.memory,
+        duration_s=took,
+    )
 
 
 def _remaining(deadline: float | None) -> float | None:

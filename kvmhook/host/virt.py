@@ -245,7 +245,7 @@ def reload_consoles(uri: str) -> dict[str, str | None]:
         done: dict[str, str | None] = {}
         for domain in domains:
             xml = _live_xml_or_none(domain)
-            if xml is None or "<graphics type='vnc'" not in xml:
+            if xml is None or not any(f"<graphics type={q}vnc{q}" in xml for q in "'\""):
                 continue
             try:
                 if _uses_tls(_monitor(domain, _QUERY_VNC)):
