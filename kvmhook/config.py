@@ -121,6 +121,40 @@ def _factor(config: Config, option: str) -> float | None:
     return value
 
 
+# A host's own memory kept out of capacity: more than this is no host's.
+MAX_RESERVED_MIB = 16 * 1024 * 1024
+RESERVED_PROPERTY = "host.reserved.mem.mb"
+
+
+def reserved_memory(config: Config) -> tuple[int, str]:
+    """(bytes, where from: `kvmhook.conf`, `agent.properties` or `none`) of the host's memory
+    kept out of capacity: `[capacity] reserved_memory_mib`, else `host.reserved.mem.mb` in
+    agent.properties (the CloudStack agent's own key), else 0. The hook's admission control
+    and `kvmhook capacity` both read it here, so they agree. Raises ConfigError for a value
+    that is not a whole number of MiB from 0 to MAX_RESERVED_MIB, naming where it is."""
+    value = config.get("capacity", "reserved_memory_mib", fallback=None)
+    source, where = "kvmhook.conf", f"{config.path}: [capacity] reserved_memory_mib"
+    if value is None:
+        from kvmhook.certs import agentproperties
+        from kvmhook.errors import KeystoreError
+
+        path = paths.agent_files().properties
+        try:
+            text = agentproperties.read(path)
+        except KeystoreError as error:
+            raise ConfigError(str(error)) from None
+        value = None if text is None else agentproperties.value(text, RESERVED_PROPERTY)
+        if value is None:
+            return 0, "none"
+        source, where = "agent.properties", f"{path}: {RESERVED_PROPERTY}"
+    mib = limits.whole_number(value.strip(), 0, MAX_RESERVED_MIB)
+    if mib is None:
+        raise ConfigError(
+            f"{where} = {value.strip()}: not a whole number of MiB from 0 to {MAX_RESERVED_MIB}"
+        )
+    return mib * 1024 * 1024, source
+
+
 IGNORE, ABORT = "ignore", "abort"
 
 

@@ -273,3 +273,36 @@ def test_configparser_and_xml_are_imported_only_when_enforced(host, text, import
     )
     modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines()}
     assert ("configparser" in modules, "xml.etree.ElementTree" in modules) == (imported, imported)
+
+
+def test_reserved_memory_comes_off_the_capacity_the_hook_admits_against(host):
+    """A guest that fits the physical memory x factor but not (physical - reserved) x factor:
+    refused, the reserved MiB in the message; the same guest fits without the reservation."""
+    reserved = PHYSICAL // MIB - 100  # leaves 100 MiB (and a fraction) for guests
+    guest = domain_xml(memory="200")
+    conf(host, ENFORCE + f"reserved_memory_mib = {reserved}\n")
+    refused = host.hook("vm1", "prepare", "begin", "-", xml=guest)
+    assert refused.returncode == 1
+    assert f"{reserved} MiB reserved for the host" in refused.stderr.decode()
+    conf(host, ENFORCE)
+    assert host.hook("vm1", "prepare", "begin", "-", xml=guest).returncode == 0
+
+
+def test_the_agents_reserved_memory_applies_when_kvmhook_conf_sets_none(host):
+    properties = host.root / "etc/cloudstack/agent/agent.properties"
+    properties.parent.mkdir(parents=True, exist_ok=True)
+    properties.write_text(f"host.reserved.mem.mb={PHYSICAL // MIB}\n")
+    conf(host, ENFORCE)
+    refused = host.hook("vm1", "prepare", "begin", "-", xml=domain_xml(memory="1"))
+    assert refused.returncode == 1 and "reserved for the host" in refused.stderr.decode()
+
+
+@pytest.mark.parametrize(("factor", "warned"), [("1.5", True), ("1", False)])
+def test_an_arriving_guest_without_a_balloon_is_a_warning_over_factor_1(host, factor, warned):
+    conf(host, ENFORCE + f"mem_factor = {factor}\n")
+    xml = domain_xml().replace(
+        b"</domain>", b"<devices><memballoon model='none'/></devices></domain>"
+    )
+    assert host.hook("vm1", "prepare", "begin", "-", xml=xml).returncode == 0
+    logged = any("has no virtio memory balloon" in record for record in host.records())
+    assert logged is warned

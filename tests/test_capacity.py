@@ -23,6 +23,7 @@ from kvmhook.cli.capacity import capacity as capacity_command
 from kvmhook.errors import ConfigError, ControllerError, FactorError, VirtError
 from kvmhook.host import capacity, virt
 
+MIB = 1024 * 1024
 GIB = 2**30
 TEST_URI = "test:///default"
 THREE_GUESTS = [virt.GuestSize(name, vcpus=1, memory=GIB) for name in ("vm1", "vm2", "vm3")]
@@ -106,12 +107,60 @@ def test_guide_example_memory(small_host, uris, no_controller):
     memory = invoke_json("--mem-factor", "2")["memory"]
     assert memory == {
         "physical": 2 * GIB,
+        "reserved": 0,
+        "reserved_source": "none",
         "factor": 2.0,
         "factor_source": "flag",
         "capacity": 4 * GIB,
         "used": 3 * GIB,
         "free": 1 * GIB,
     }
+
+
+def agent_properties(root, text: str) -> None:
+    path = root / "etc/cloudstack/agent/agent.properties"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("conf", "properties", "reserved", "source"),
+    [
+        (None, "host.reserved.mem.mb=512\n", 512, "agent.properties"),
+        (
+            "[capacity]\nreserved_memory_mib = 256\n",
+            "host.reserved.mem.mb=512\n",
+            256,
+            "kvmhook.conf",
+        ),
+        ("[capacity]\nreserved_memory_mib = 0\n", "host.reserved.mem.mb=512\n", 0, "kvmhook.conf"),
+        (None, None, 0, "none"),
+    ],
+)
+def test_reserved_memory_comes_off_before_the_factor(
+    small_host, uris, no_controller, root, conf, properties, reserved, source
+):
+    """(2 GiB - reserved) x 2; kvmhook.conf first, then the agent's own key, else none."""
+    if conf is not None:
+        write_conf(root, conf)
+    if properties is not None:
+        agent_properties(root, properties)
+    memory = invoke_json("--mem-factor", "2")["memory"]
+    assert (memory["reserved"], memory["reserved_source"]) == (reserved * MIB, source)
+    assert memory["capacity"] == (2 * GIB - reserved * MIB) * 2
+    assert memory["free"] == memory["capacity"] - 3 * GIB
+    text = invoke("--mem-factor", "2").output
+    assert (f"reserved for the host (from {source})" in text) is bool(reserved)
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots", "99999999999"])
+def test_a_bad_reserved_memory_exits_1_naming_where(small_host, uris, no_controller, root, value):
+    agent_properties(root, f"host.reserved.mem.mb={value}\n")
+    result = invoke("--mem-factor", "2")
+    assert result.exit_code == 1
+    assert (
+        "host.reserved.mem.mb = " in result.output and "not a whole number of MiB" in result.output
+    )
 
 
 def test_guide_example_cpu(small_host, uris, no_controller):
@@ -140,9 +189,12 @@ def test_json_keys_are_the_contract_plus_documented_extras(small_host, uris, no_
         "mhz_source",
         "factor_source",
     }
-    assert set(figures["memory"]) == contract | {"physical"} | {"factor_source"}
+    assert set(figures["memory"]) == contract | {"physical", "reserved"} | {
+        "factor_source",
+        "reserved_source",
+    }
     assert figures["guests"] == [
-        {"name": n, "vcpus": 1, "memory": GIB} for n in ("vm1", "vm2", "vm3")
+        {"name": n, "vcpus": 1, "memory": GIB, "balloon": True} for n in ("vm1", "vm2", "vm3")
     ]
 
 
@@ -185,7 +237,7 @@ def test_table_says_when_the_clock_is_unknown_and_no_guest_runs(monkeypatch, roo
 def test_test_driver_guest_is_counted(small_host, no_controller):
     """With KVMHOOK_LIBVIRT_URI at the test driver, its running guest is read and counted."""
     figures = invoke_json(KVMHOOK_LIBVIRT_URI=TEST_URI)
-    assert figures["guests"] == [{"name": "test", "vcpus": 2, "memory": 8 * GIB}]
+    assert figures["guests"] == [{"name": "test", "vcpus": 2, "memory": 8 * GIB, "balloon": True}]
     assert (figures["cpu"]["used"], figures["memory"]["used"]) == (2, 8 * GIB)
     assert figures["memory"]["free"] == 2 * GIB - 8 * GIB
 
@@ -585,3 +637,27 @@ def test_config_unreadable(root):
     path.mkdir(parents=True)
     with pytest.raises(ConfigError, match=f"^cannot read {path}: Is a directory$"):
         config.load()
+
+
+@pytest.mark.parametrize(
+    ("devices", "balloon"),
+    [
+        ("<memballoon model='virtio'/>", True),
+        ("<memballoon model='virtio-non-transitional'/>", True),
+        ("<memballoon model='none'/>", False),
+        ("", False),
+    ],
+)
+def test_a_virtio_balloon_is_read_from_the_domain_xml(devices, balloon):
+    assert virt.has_balloon(f"<domain><devices>{devices}</devices></domain>") is balloon
+
+
+def test_guests_without_a_balloon_are_named_when_memory_is_overcommitted(
+    small_host, no_controller, monkeypatch
+):
+    guests = [virt.GuestSize("vm1", 1, GIB), virt.GuestSize("vm2", 1, GIB, balloon=False)]
+    monkeypatch.setattr(virt, "running_guests", lambda uri: guests)
+    line = "without a virtio memory balloon (needed with a memory factor above 1): vm2"
+    assert line in invoke("--mem-factor", "1.5").output
+    assert line not in invoke("--mem-factor", "1").output
+    assert [g["balloon"] for g in invoke_json("--mem-factor", "1.5")["guests"]] == [True, False]

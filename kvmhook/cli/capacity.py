@@ -63,7 +63,9 @@ def capacity(
     as_json: bool, cpu_factor: float | None, mem_factor: float | None, source_uri: str
 ) -> None:
     """Show this host's CPU (cores, MHz, cores x MHz) and memory: physical,
-    after over-provisioning (physical x factor), used by the running guests
+    after over-provisioning ((physical - reserved) x factor; reserved memory
+    from [capacity] reserved_memory_mib in kvmhook.conf, else
+    host.reserved.mem.mb in agent.properties), used by the running guests
     (their vCPUs and maximum memory, read from libvirt) and free."""
     # Imported here: loading libvirt-python costs every other command ~50 ms.
     import kvmhook.host.capacity
@@ -84,7 +86,7 @@ def _table(figures: dict[str, Any]) -> list[str]:
     cpu, memory = figures["cpu"], figures["memory"]
     return [
         f"cpu     {_clock(cpu)}",
-        f"memory  {_gib(memory['physical'])}",
+        f"memory  {_gib(memory['physical'])}{_reserved(memory)}",
         "",
         _row("", "factor", "from", "capacity", "used", "free"),
         _row(
@@ -101,7 +103,26 @@ def _table(figures: dict[str, Any]) -> list[str]:
         ),
         "",
         *_guest_lines(figures["guests"]),
+        *_balloon_lines(figures),
     ]
+
+
+def _balloon_lines(figures: dict[str, Any]) -> list[str]:
+    """With a memory factor above 1, the guests over-committing memory needs a balloon in."""
+    without = [guest["name"] for guest in figures["guests"] if not guest["balloon"]]
+    if figures["memory"]["factor"] <= 1 or not without:
+        return []
+    return [
+        "",
+        f"without a virtio memory balloon (needed with a memory factor above 1): "
+        f"{', '.join(without)}",
+    ]
+
+
+def _reserved(memory: dict[str, Any]) -> str:
+    if not memory["reserved"]:
+        return ""
+    return f", {_gib(memory['reserved'])} reserved for the host (from {memory['reserved_source']})"
 
 
 def _clock(cpu: dict[str, Any]) -> str:

@@ -144,8 +144,9 @@ def check(domain: str, conf: HookConf, stdin_fd: int | None, log: HookLog) -> Ad
     return Admission(refusal, replay_fd, owned=True)
 
 
-def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float] | None:
-    """(cpu_factor, mem_factor) when `[capacity] admission = enforce`; else None.
+def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float, int] | None:
+    """(cpu_factor, mem_factor, reserved memory bytes) when `[capacity] admission = enforce`;
+    else None.
 
     Raises (ConfigError and the like) for a file that cannot be used.
     """
@@ -165,7 +166,12 @@ def _enforced_factors(conf: HookConf, log: HookLog) -> tuple[float, float] | Non
         return None
     # config checks each factor's range (ConfigError), as for `kvmhook capacity`.
     cpu_factor, mem_factor = config.cpu_factor(settings), config.mem_factor(settings)
-    return (1.0 if cpu_factor is None else cpu_factor), (1.0 if mem_factor is None else mem_factor)
+    reserved, _ = config.reserved_memory(settings)
+    return (
+        1.0 if cpu_factor is None else cpu_factor,
+        1.0 if mem_factor is None else mem_factor,
+        reserved,
+    )
 
 
 def _read_and_keep(fd: int) -> tuple[bytes, int]:
@@ -179,27 +185,41 @@ def _read_and_keep(fd: int) -> tuple[bytes, int]:
         stdin.close()  # the replaying descriptor keeps the memory file alive
 
 
-def _refusal(domain: str, xml: bytes, factors: tuple[float, float], log: HookLog) -> str | None:
+def _refusal(
+    domain: str, xml: bytes, factors: tuple[float, float, int], log: HookLog
+) -> str | None:
     """The message refusing `domain`, or None when it fits."""
     from xml.etree import ElementTree
 
     from kvmhook.host import overprovision
 
-    vcpus, memory = size(ElementTree.fromstring(xml))
+    element = ElementTree.fromstring(xml)
+    vcpus, memory = size(element)
     used_vcpus, used_memory = _running(domain, log)
-    cpu_factor, mem_factor = factors
+    cpu_factor, mem_factor, reserved = factors
+    if mem_factor > 1 and not any(
+        balloon.get("model", "").startswith("virtio")
+        for balloon in element.iterfind("./devices/memballoon")
+    ):
+        # The admin guide's requirement for over-provisioning; the decision stays on capacity.
+        log.record(
+            "-",
+            f"admission: warning: guest {domain} has no virtio memory balloon, which memory"
+            f" factor {mem_factor:g} needs to reclaim its memory",
+        )
     # The physical figures from os, as psutil reads them for `kvmhook capacity`: psutil
     # would cost the hook ~15 ms of imports.
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu = overprovision.Resource(os.cpu_count() or 0, cpu_factor, used_vcpus)
-    mem = overprovision.Resource(physical, mem_factor, used_memory, whole=True)
+    mem = overprovision.Resource(physical, mem_factor, used_memory, whole=True, reserved=reserved)
     if cpu.fits(vcpus) and mem.fits(memory):
         return None
     return (
         f"admission: guest {domain} needs {_vcpus(vcpus)} and {_mib(memory)} MiB;"
         f" this host has {_vcpus(cpu.free)} and {_mib(mem.free)} MiB free"
         f" of {_vcpus(cpu.capacity)} and {_mib(mem.capacity)} MiB"
-        f" (cpu factor {cpu_factor:g}, memory factor {mem_factor:g})"
+        f" (cpu factor {cpu_factor:g}, memory factor {mem_factor:g}"
+        + (f", {_mib(reserved)} MiB reserved for the host)" if reserved else ")")
     )
 
 

@@ -1,7 +1,8 @@
 """This host's capacity: CPU and memory, physical, over-provisioned, used and free.
 
 The admin guide's over-provisioning, as kvmhook.host.overprovision computes it:
-capacity = physical x factor, per resource; used = what the running guests
+capacity = (physical - reserved) x factor, per resource (reserved: the memory
+the host keeps for itself, config.reserved_memory); used = what the running guests
 were given; free = capacity - used. CPU is counted in logical cores against
 vCPUs, memory in bytes. Free goes below 0 when the guests hold more than the
 factor allows.
@@ -63,11 +64,14 @@ class Factor:
 
 @dataclass(frozen=True)
 class Factors:
-    """The CPU and memory factors chosen, and what the operator should hear about them."""
+    """The CPU and memory factors chosen, the host's reserved memory (bytes, and where it
+    was set: config.reserved_memory), and what the operator should hear about them."""
 
     cpu: Factor
     memory: Factor
     warnings: tuple[str, ...]  # for the operator, on stderr
+    reserved: int = 0
+    reserved_source: str = "none"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Report:
             self.factors.memory.value,
             sum(guest.memory for guest in self.guests),
             whole=True,
+            reserved=self.factors.reserved,
         )
         return {
             "cpu": {
@@ -104,6 +109,8 @@ class Report:
             },
             "memory": {
                 "physical": self.host.memory,
+                "reserved": self.factors.reserved,
+                "reserved_source": self.factors.reserved_source,
                 "factor": self.factors.memory.value,
                 "factor_source": self.factors.memory.source,
                 "capacity": memory.capacity,
@@ -175,6 +182,7 @@ def choose_factors(
         fallback = _from_controller(controller, warnings) or _from_config()
         cpu = fallback[0] if cpu is None else cpu
         memory = fallback[1] if memory is None else memory
+    reserved, reserved_source = config.reserved_memory(config.load())
     for name, factor in (("cpu", cpu), ("memory", memory)):
         if factor.value > WARN_ABOVE:
             warnings.append(
@@ -182,7 +190,7 @@ def choose_factors(
                 " the admin guide's limit for XenServer: guests are promised far more than"
                 " this host has"
             )
-    return Factors(cpu, memory, tuple(warnings))
+    return Factors(cpu, memory, tuple(warnings), reserved, reserved_source)
 
 
 def check_factor(value: float, what: str) -> float:

@@ -161,6 +161,9 @@ class GuestSize:
     # Bytes: its maximum memory, not the balloon's current size. The balloon is the
     # host's lever for over-committing memory; counting it would apply the factor twice.
     memory: int
+    # A virtio memory balloon: what over-committing memory needs (admin guide, "Requirements
+    # for Over-Provisioning"); `<memballoon model='none'/>` has none.
+    balloon: bool = True
 
 
 def running_guests(uri: str) -> list[GuestSize]:
@@ -182,7 +185,24 @@ def guest_size(domain: libvirt.virDomain) -> GuestSize | None:
         if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise VirtError(f"cannot read the size of {domain.name()}: {error}") from None
-    return GuestSize(name=domain.name(), vcpus=vcpus, memory=max_kib * 1024)
+    xml = _live_xml_or_none(domain)
+    if xml is None:
+        return None
+    return GuestSize(
+        name=domain.name(), vcpus=vcpus, memory=max_kib * 1024, balloon=has_balloon(xml)
+    )
+
+
+def has_balloon(xml: str | bytes) -> bool:
+    """Whether the domain `xml` has a virtio memory balloon (libvirt adds one unless told
+    `<memballoon model='none'/>`)."""
+    from xml.etree import ElementTree
+
+    models = [
+        element.get("model", "")
+        for element in ElementTree.fromstring(xml).iterfind("./devices/memballoon")
+    ]
+    return any(model.startswith("virtio") for model in models)
 
 
 def free_memory(uri: str) -> int:
