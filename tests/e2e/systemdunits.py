@@ -1,4 +1,5 @@
-"""The certificate renewal units both packages ship: read, expand and verify them.
+"""The systemd units both packages ship (certificate renewal, metrics): read, expand and
+verify them.
 
 The source is packaging/systemd/; the deb installs it to /lib/systemd/system,
 the rpm to /usr/lib/systemd/system.
@@ -18,6 +19,14 @@ SERVICE = "kvmhook-cert-renew.service"
 TIMER = "kvmhook-cert-renew.timer"
 UNITS = (SERVICE, TIMER)
 SETTINGS = SOURCE / "kvmhook-cert-renew.default"
+METRICS_SERVICE = "kvmhook-metrics.service"
+METRICS_TIMER = "kvmhook-metrics.timer"
+METRICS_UNITS = (METRICS_SERVICE, METRICS_TIMER)
+# node_exporter's textfile directory (Debian's prometheus-node-exporter reads it).
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+# The alert rules, in the source tree and where both packages install them.
+ALERT_RULES = REPO / "packaging" / "prometheus" / "kvmhook-alerts.yml"
+INSTALLED_ALERT_RULES = "/usr/share/kvmhook/prometheus/kvmhook-alerts.yml"
 
 
 def parse(text: str) -> dict[str, dict[str, list[str]]]:
@@ -140,3 +149,39 @@ def check_contract(service_text: str, timer_text: str) -> None:
     # and /etc/pki.
     assert service["Service"].get("ProtectSystem", ["no"])[-1] in ("no", "true", "yes")
     assert not service["Service"].get("ReadOnlyPaths")
+
+
+def check_metrics_contract(service_text: str, timer_text: str) -> None:
+    """The metrics units do what issue 16 promises: a timer enabled on install that runs
+    `kvmhook metrics --textfile DIR` every minute, the service making DIR first (the
+    command does not), sandboxed to write only DIR and /var/lib/kvmhook, and both files
+    saying how to turn it off."""
+    off = f"systemctl disable --now {METRICS_TIMER}"
+    assert off in service_text and off in timer_text, "how to turn it off"
+    timer = parse(timer_text)["Timer"]
+    assert seconds(timer["OnUnitActiveSec"][-1]) == 60, "every minute"
+    # Started after boot (or on install, long after it), it fires at once.
+    assert seconds(timer["OnBootSec"][-1]) <= 60
+    assert seconds(timer["AccuracySec"][-1]) <= 5, "the default (1min) lets runs drift"
+    assert timer["Unit"] == [METRICS_SERVICE]
+    assert parse(timer_text)["Install"] == {"WantedBy": ["timers.target"]}
+    unit = parse(service_text)
+    assert "Install" not in unit, "the service is started by the timer only, never enabled"
+    service = unit["Service"]
+    assert service["Type"] == ["oneshot"]
+    assert exec_argv(service_text) == ["/usr/bin/kvmhook", "metrics", "--textfile", TEXTFILE_DIR]
+    # `kvmhook metrics --textfile DIR` never creates DIR: the service makes it, outside
+    # the sandbox (+), which keeps /var read-only.
+    (pre,) = service["ExecStartPre"]
+    assert shlex.split(pre) == ["+/bin/mkdir", "-p", "-m", "0755", TEXTFILE_DIR], pre
+    assert service["SyslogIdentifier"] == ["kvmhook-metrics"]
+    assert seconds(service["TimeoutStartSec"][-1]) < 60, "a run ends before the next"
+    # It only reads: the whole file system is read-only but the textfile directory and
+    # its state directory, /var/lib/kvmhook (the hook log's read position).
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["ReadWritePaths"] == [TEXTFILE_DIR]
+    assert service["StateDirectory"] == ["kvmhook"]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["RestrictAddressFamilies"] == ["AF_UNIX"], "libvirt's socket, no network"
+    for output in ("StandardOutput", "StandardError"):
+        assert service.get(output, ["journal"])[-1].startswith("journal")
