@@ -35,6 +35,8 @@ XML = b"<domain><name>pkgtest</name></domain>"
 UNITDIR = Path("/lib/systemd/system")
 RENEW_SETTINGS = Path("/etc/default/kvmhook-cert-renew")
 TIMER_WANTS = Path("/etc/systemd/system/timers.target.wants", systemdunits.TIMER)
+METRICS_TIMER_WANTS = TIMER_WANTS.with_name(systemdunits.METRICS_TIMER)
+TEXTFILE = Path(systemdunits.TEXTFILE_DIR, "kvmhook.prom")
 CLOUDSTACK_AGENT_HOOK = Path("/usr/share/cloudstack-agent/lib/libvirtqemuhook")
 
 
@@ -290,9 +292,10 @@ def test_package_installs_man_pages_and_bash_completions(clean_host, debs):
     assert completed.split() == ["renew", "rollback", "status"]
 
 
-def timer_state() -> str:
-    """`systemctl is-enabled` of the renewal timer, read from the unit files (no PID 1 needed)."""
-    return run("systemctl", "is-enabled", systemdunits.TIMER, check=False).stdout.strip()
+def timer_state(unit: str = systemdunits.TIMER) -> str:
+    """`systemctl is-enabled` of a unit (the renewal timer by default), read from the unit
+    files (no PID 1 needed)."""
+    return run("systemctl", "is-enabled", unit, check=False).stdout.strip()
 
 
 def test_renewal_units_are_installed_verified_and_not_enabled(clean_host, debs):
@@ -369,6 +372,73 @@ def test_renewal_service_run_when_not_due_says_one_line_and_exits_0(clean_host, 
     said = (result.stdout + result.stderr).strip().splitlines()
     assert len(said) == 1, said
     assert {path.name: path.read_bytes() for path in agent.iterdir()} == before
+
+
+def test_metrics_units_and_alert_rules_are_installed_verified_and_the_timer_enabled(
+    clean_host, debs
+):
+    """The metrics timer and service land in /lib/systemd/system and pass systemd-analyze
+    verify; install enables the timer (the service is static: the timer starts it); the
+    alert rules are in /usr/share/kvmhook/prometheus."""
+    apt_install(debs[1])
+    listing = run("dpkg", "-L", "kvmhook").stdout.splitlines()
+    for name in systemdunits.METRICS_UNITS:
+        assert str(UNITDIR / name) in listing, name
+        assert (UNITDIR / name).read_bytes() == (systemdunits.SOURCE / name).read_bytes()
+    systemdunits.check_metrics_contract(
+        (UNITDIR / systemdunits.METRICS_SERVICE).read_text(),
+        (UNITDIR / systemdunits.METRICS_TIMER).read_text(),
+    )
+    rules = Path(systemdunits.INSTALLED_ALERT_RULES)
+    assert str(rules) in listing
+    assert rules.read_bytes() == systemdunits.ALERT_RULES.read_bytes()
+    assert stat.S_IMODE(rules.stat().st_mode) == 0o644
+    assert METRICS_TIMER_WANTS.is_symlink() and timer_state(systemdunits.METRICS_TIMER) == "enabled"
+    assert timer_state(systemdunits.METRICS_SERVICE) == "static"
+    # The package depends on the library `kvmhook metrics` writes with.
+    depends = run("dpkg-query", "-W", "-f=${Depends}", "kvmhook").stdout
+    assert "python3-prometheus-client" in depends
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    units = [UNITDIR / name for name in systemdunits.METRICS_UNITS]
+    assert systemdunits.verify(*units) == ""
+
+
+def test_a_disabled_metrics_timer_stays_off_over_upgrade_and_remove_drops_its_file(
+    clean_host, debs
+):
+    """The operator's `systemctl disable` holds over an upgrade and a remove and reinstall;
+    remove deletes the last kvmhook.prom (node_exporter would serve it for ever); purge
+    forgets the choice, so a new install enables the timer again."""
+    # The top of what this test makes for the file, if anything: removed at the end; a
+    # kvmhook.prom already there is put back.
+    made = next((path for path in reversed(TEXTFILE.parents) if not path.exists()), None)
+    saved = TEXTFILE.read_bytes() if TEXTFILE.exists() else None
+    apt_install(debs[1])
+    try:
+        run("systemctl", "disable", systemdunits.METRICS_TIMER)
+        assert not METRICS_TIMER_WANTS.is_symlink()
+        apt_install(debs[2])
+        assert timer_state(systemdunits.METRICS_TIMER) == "disabled"
+        TEXTFILE.parent.mkdir(parents=True, exist_ok=True)
+        TEXTFILE.write_text("kvmhook_info 1\n")
+        partial = TEXTFILE.with_name(TEXTFILE.name + ".1234.5678")
+        partial.write_text("kvmhook_")
+        apt("remove", "kvmhook")
+        assert not TEXTFILE.exists() and not partial.exists()
+        apt_install(debs[2])
+        assert timer_state(systemdunits.METRICS_TIMER) == "disabled"
+        apt("purge", "kvmhook")
+        apt_install(debs[1])
+        assert METRICS_TIMER_WANTS.is_symlink()
+        assert timer_state(systemdunits.METRICS_TIMER) == "enabled"
+    finally:
+        METRICS_TIMER_WANTS.unlink(missing_ok=True)
+        TEXTFILE.unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        elif saved is not None:
+            TEXTFILE.write_bytes(saved)
 
 
 # --- living beside cloudstack-agent: its postinst copies its hook over the launcher ---------

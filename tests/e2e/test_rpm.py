@@ -29,10 +29,12 @@ LOGROTATE = "/etc/logrotate.d/kvmhook"
 UNITDIR = "/usr/lib/systemd/system"
 RENEW_SETTINGS = "/etc/sysconfig/kvmhook-cert-renew"
 CLOUDSTACK_AGENT_HOOK = "/usr/share/cloudstack-agent/lib/libvirtqemuhook"
+TEXTFILE_DIR = systemdunits.TEXTFILE_DIR
 SITELIB = r"/usr/lib(64)?/python3[.\d]*/(site|dist)-packages"
 REQUIREMENTS = (
     "python3",
     "python3-libvirt",
+    "python3-prometheus_client",
     "python3-psutil",
     "python3-structlog",
     "python3-click",
@@ -216,6 +218,7 @@ class Sandbox:
         self.custom = root / CUSTOM.lstrip("/")
         self.chain = self.custom / "all_00-previous-qemu-hook"
         self.log = root / "var/log/libvirt/qemu-hook.log"
+        self.textfile = root / TEXTFILE_DIR.lstrip("/") / "kvmhook.prom"
         self.hook.parent.mkdir(parents=True)
         self.log.parent.mkdir(parents=True)
         stubs = root / "stubs"
@@ -242,7 +245,8 @@ class Sandbox:
         body = body.replace("/var/log/libvirt", f"{self.root}/var/log/libvirt")
         body = body.replace(f"{self.sitelib}/", f"{self.payload_sitelib}/")
         body = body.replace(CLOUDSTACK_AGENT_HOOK, str(self.cloudstack_agent_hook))
-        for real in ("/etc/libvirt", "/var/log/libvirt"):
+        body = body.replace(TEXTFILE_DIR, f"{self.root}{TEXTFILE_DIR}")
+        for real in ("/etc/libvirt", "/var/log/libvirt", TEXTFILE_DIR):
             outside = body.replace(f"{self.root}{real}", "")
             assert real not in outside, f"{tag} would touch the real {real}"
         script = self.root / f"{tag}.sh"
@@ -400,11 +404,12 @@ def test_renewal_units_pass_systemd_analyze_verify(payload, tmp_path):
 
 
 def test_scriptlets_never_enable_or_start_the_renewal_units(rpm_file, payload, tmp_path):
-    """Install and upgrade enable, preset and start nothing; erase disables and
+    """Install and upgrade enable, preset and start no renewal unit; erase disables and
     stops an operator-enabled timer; an upgrade leaves it be."""
     scripts = query(rpm_file, "--scripts")
     assert "kvmhook-cert-renew.timer" in scripts
-    verbs = re.findall(r"systemctl\s+(?:--\S+\s+)*([a-z-]+)", scripts)
+    renewal = "\n".join(line for line in scripts.splitlines() if "kvmhook-cert-renew" in line)
+    verbs = re.findall(r"systemctl\s+(?:--\S+\s+)*([a-z-]+)", renewal)
     assert not {"enable", "preset", "start", "restart", "reenable"} & set(verbs), verbs
 
     box = Sandbox(tmp_path, rpm_file, payload)
@@ -452,3 +457,80 @@ def test_post_puts_the_launcher_back_over_cloudstacks_copy(rpm_file, payload, tm
     box.hook.write_text(CLOUDSTACK_STANDIN)
     box.scriptlet("POSTIN", 2)
     assert box.hook.read_bytes() == launcher and box.previous.read_text() == CLOUDSTACK_STANDIN
+
+
+def test_metrics_units_and_alert_rules_are_packaged(rpm_file, payload):
+    """The metrics timer and service are in the unit dir as packaging/systemd has them, and
+    the alert rules in /usr/share/kvmhook/prometheus, as the deb has them."""
+    table = files(rpm_file)
+    for name in systemdunits.METRICS_UNITS:
+        path = f"{UNITDIR}/{name}"
+        assert table[path] == " -rw-r--r-- root root", path
+        packaged = (payload / path.lstrip("/")).read_bytes()
+        assert packaged == (systemdunits.SOURCE / name).read_bytes(), path
+    unitdir = payload / UNITDIR.lstrip("/")
+    systemdunits.check_metrics_contract(
+        (unitdir / systemdunits.METRICS_SERVICE).read_text(),
+        (unitdir / systemdunits.METRICS_TIMER).read_text(),
+    )
+    rules = systemdunits.INSTALLED_ALERT_RULES
+    assert table[rules] == " -rw-r--r-- root root"
+    assert (payload / rules.lstrip("/")).read_bytes() == systemdunits.ALERT_RULES.read_bytes()
+    # The directories are the package's, removed with it.
+    for directory in ("/usr/share/kvmhook", "/usr/share/kvmhook/prometheus"):
+        assert table[directory] == " drwxr-xr-x root root", directory
+
+
+def test_metrics_units_pass_systemd_analyze_verify(payload, tmp_path):
+    """`systemd-analyze verify` has nothing to say about the packaged metrics units (with
+    ExecStart pointed at the payload's kvmhook, as nothing is installed)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (Debian package systemd)")
+    unitdir = payload / UNITDIR.lstrip("/")
+    kvmhook = payload / "usr/bin/kvmhook"
+    assert os.access(kvmhook, os.X_OK)
+    for name in systemdunits.METRICS_UNITS:
+        text = (unitdir / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/bin/kvmhook ", f"{kvmhook} "))
+    assert systemdunits.verify(*(tmp_path / name for name in systemdunits.METRICS_UNITS)) == ""
+
+
+def metrics_calls(calls: list[str], *verbs: str) -> list[str]:
+    """The systemctl calls among `calls` that name the metrics timer with one of `verbs`."""
+    return [
+        call
+        for call in calls
+        if systemdunits.METRICS_TIMER in call.split() and set(verbs) & set(call.split())
+    ]
+
+
+def test_scriptlets_enable_the_metrics_timer_on_install_only_and_erase_drops_its_file(
+    rpm_file, payload, tmp_path
+):
+    """A first install enables (and, with systemd running, starts) the metrics timer, as
+    the deb does, since RHEL's presets would not; an upgrade neither enables nor starts it
+    (an operator's disable holds); erase disables and stops it and removes the last
+    kvmhook.prom, which node_exporter would serve for ever."""
+    scripts = query(rpm_file, "--scripts")
+    assert "systemctl disable --now kvmhook-metrics.timer" in scripts, "how to turn it off"
+    box = Sandbox(tmp_path, rpm_file, payload)
+    box.scriptlet("PREIN", 1)
+    box.install_files()
+    box.scriptlet("POSTIN", 1)
+    calls = box.systemctl()
+    assert metrics_calls(calls, "enable"), calls
+    assert not [call for call in calls if "kvmhook-metrics.service" in call], calls
+    for tag, arg in (("PREIN", 2), ("POSTIN", 2), ("PREUN", 1), ("POSTUN", 1)):
+        box.scriptlet(tag, arg)
+    calls = box.systemctl()
+    assert not metrics_calls(calls, "enable", "start", "restart", "preset", "reenable"), calls
+    box.scriptlet("PREUN", 0)
+    calls = box.systemctl()
+    assert metrics_calls(calls, "disable"), calls
+    box.textfile.parent.mkdir(parents=True)
+    box.textfile.write_text("kvmhook_info 1\n")
+    partial = box.textfile.with_name("kvmhook.prom.1234.5678")
+    partial.write_text("kvmhook_")
+    box.hook.unlink()  # rpm erases the launcher before %postun
+    box.scriptlet("POSTUN", 0)
+    assert not box.textfile.exists() and not partial.exists()
