@@ -97,6 +97,15 @@ class StateFileError(MaintenanceError):
     """The maintenance state file cannot be written (it lives under /var/lib/kvmhook)."""
 
 
+class RollingError(MaintenanceError):
+    """A rolling-maintenance stage failed or could not run, or no stage can run here
+    (rolling.maintenance.hooks.dir unset or unusable); the message says where the host is."""
+
+
+class StageTimedOutError(RollingError):
+    """A rolling-maintenance stage ran past its timeout: its processes were killed."""
+
+
 class RotationError(KvmhookError):
     """A renewal or rollback stopped before it changed anything; the message says why."""
 

@@ -19,6 +19,8 @@ USAGE = 2  # click's own number for a usage error; the keystore tools use it too
 # kvmhook migrate and kvmhook maintenance
 REFUSED = 3
 ABORTED = 4
+# kvmhook maintenance stage: the stage's script exited 70, CloudStack's "no maintenance needed"
+NO_MAINTENANCE_NEEDED = 3
 # kvmhook cert renew and rollback
 ROLLED_BACK = 3
 ROLLBACK_FAILED = 4
@@ -117,6 +119,29 @@ TABLE: dict[str, dict[int, str]] = {
         USAGE: _USAGE,
         REFUSED: "refused: not a legal transition from the current state (e.g. already Enabled)",
     },
+    "kvmhook maintenance rolling": {
+        OK: "done: the host was updated (drained, the Maintenance stage, back to Enabled,"
+        " PostMaintenance), or skipped with nothing changed: PreFlight or PreMaintenance"
+        " exited 70 (no maintenance needed), or there is no Maintenance script",
+        FAILED: "failed: a stage failed or was refused (PreFlight, PreMaintenance: nothing was"
+        " done; Maintenance: maintenance is cancelled), rolling.maintenance.hooks.dir is not"
+        " set, or the drain failed (ErrorInPrepareForMaintenance); the message says where the"
+        " host is",
+        USAGE: "usage error; standalone, also: guests are running and no --to was given",
+        REFUSED: "refused: the host is not Enabled, or another enter or rolling is running;"
+        " nothing was run",
+        ABORTED: "aborted: a stage ran past --stage-timeout and was killed, the drain past"
+        " --drain-timeout, or Ctrl-C",
+    },
+    "kvmhook maintenance stage": {
+        OK: "the stage's script exited 0, or the stage has no script (skipped)",
+        FAILED: "failed: the script exited non-zero (not 70), was killed, could not start or"
+        " was refused (not executable, unsafe), or rolling.maintenance.hooks.dir is not set",
+        USAGE: _USAGE + " (a stage other than PreFlight, PreMaintenance, Maintenance,"
+        " PostMaintenance)",
+        NO_MAINTENANCE_NEEDED: "no maintenance needed: the script exited 70",
+        ABORTED: "aborted: the script ran past --timeout and was killed, or Ctrl-C",
+    },
     "kvmhook maintenance status": {
         OK: 'shown (removable or not: see the "removable" line or key)',
         FAILED: "failed: the controller could not be asked, or the state file not written",
@@ -165,6 +190,7 @@ _BY_ERROR: tuple[tuple[type[errors.KvmhookError], int], ...] = (
     (errors.IllegalTransitionError, REFUSED),
     (errors.MaintenanceBusyError, REFUSED),
     (errors.MaintenanceAbortedError, ABORTED),
+    (errors.StageTimedOutError, ABORTED),
     (errors.RolledBackError, ROLLED_BACK),
     (errors.RollbackFailedError, ROLLBACK_FAILED),
 )

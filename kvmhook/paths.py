@@ -168,6 +168,12 @@ def maintenance_lock() -> str:
     return under_root("/run/kvmhook/maintenance.lock")
 
 
+def rolling_output_dir() -> str:
+    """Where a rolling-maintenance stage run in a systemd unit writes its output, for kvmhook
+    to read when the unit ends (a file per run, removed once read; kept if kvmhook died)."""
+    return under_root("/run/kvmhook/rolling")
+
+
 def libvirt_admin_socket(daemon: str) -> str:
     """The admin socket a running `daemon` (libvirtd, virtproxyd) listens on for virt-admin."""
     name = "libvirt" if daemon == "libvirtd" else daemon

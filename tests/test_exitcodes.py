@@ -52,6 +52,14 @@ CONTRACT = {
         4: "aborted",
     },
     "kvmhook maintenance cancel": {0: "cancelled", 1: "failed", 2: "usage", 3: "refused"},
+    "kvmhook maintenance rolling": {
+        0: "done",
+        1: "failed",
+        2: "usage",
+        3: "refused",
+        4: "aborted",
+    },
+    "kvmhook maintenance stage": {0: "the", 1: "failed", 2: "usage", 3: "no", 4: "aborted"},
     "kvmhook maintenance status": {0: "shown", 1: "failed", 2: "usage"},
     "kvmhook network list": {0: "shown", 1: "the", 2: "usage"},
     "kvmhook network gc": {0: "every", 1: "a", 2: "usage"},
@@ -89,6 +97,7 @@ def test_the_shared_numbers():
     assert (exitcodes.REFUSED, exitcodes.ABORTED) == (3, 4)
     assert (exitcodes.ROLLED_BACK, exitcodes.ROLLBACK_FAILED) == (3, 4)
     assert exitcodes.CONSOLES_STALE == 5
+    assert exitcodes.NO_MAINTENANCE_NEEDED == 3
 
 
 def test_every_command_is_in_the_table():
@@ -135,6 +144,8 @@ def test_an_unknown_option_exits_2(command):
         (errors.MaintenanceBusyError("x"), 3),
         (errors.MaintenanceAbortedError("x"), 4),
         (errors.MaintenanceFailedError("x"), 1),
+        (errors.RollingError("x"), 1),
+        (errors.StageTimedOutError("x"), 4),
         (errors.RolledBackError("x"), 3),
         (errors.RollbackFailedError("x"), 4),
         (errors.RotationError("x"), 1),

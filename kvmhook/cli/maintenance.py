@@ -176,3 +176,11 @@ def _failure(error: KvmhookError) -> click.ClickException:
     if isinstance(error, PeersRequiredError):
         return click.UsageError(str(error))
     return failure(str(error), exitcodes.of(error))
+
+
+# The rolling-maintenance commands live in their own module (kvmhook.cli.rolling), which
+# does not import this one; they join the group here.
+from kvmhook.cli.rolling import rolling, stage  # noqa: E402
+
+maintenance.add_command(rolling)
+maintenance.add_command(stage)

@@ -213,6 +213,16 @@ def _classify(entry: os.DirEntry, operation: str, guest: str = "") -> "Script | 
     return Script(name, entry.path)
 
 
+def distrust(path: str, what: str) -> "str | None":
+    """Why `path` could be changed by someone but root or us, or None: the trust a custom
+    script gets, for the other scripts kvmhook runs (the rolling-maintenance stages).
+
+    Checks the file, every directory above it and the directories of the links followed
+    on the way, as for a custom script. Raises OSError when they cannot be examined.
+    """
+    return _resolve(path, what)[1]
+
+
 def _resolve(path: str, what: str) -> "tuple[str, str | None]":
     """`path` resolved as realpath does, and why it is unsafe, or None.
 
