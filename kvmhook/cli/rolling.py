@@ -11,7 +11,7 @@ from typing import TextIO
 
 import click
 
-from kvmhook import exitcodes
+from kvmhook import events, exitcodes
 from kvmhook.cli.options import SECONDS, connect_option, failure, with_exit_codes
 from kvmhook.errors import KvmhookError, MigrationError, PeersRequiredError
 from kvmhook.host.rolling import DRAIN_TIMEOUT, STAGE_TIMEOUT, STAGES, StageRun
@@ -107,6 +107,15 @@ def rolling(
             "interrupted: see kvmhook maintenance status (a stage under way is not stopped)",
             exitcodes.ABORTED,
         ) from None
+    if done.error is None:
+        events.emit(
+            "rolling.done",
+            host=done.hostname,
+            updated=done.updated is not None,
+            reason=done.skipped,
+        )
+    else:
+        events.failed("rolling.failed", done.error, host=done.hostname)
     if as_json:
         click.echo(json.dumps(done.as_dict(), indent=2))
     elif done.updated is not None and done.error is None:
