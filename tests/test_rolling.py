@@ -621,7 +621,7 @@ def test_the_systemd_run_command_line():
         "--property=RuntimeMaxSec=1800s",
         "--property=TimeoutStopSec=5s",
         "--property=KillMode=control-group",
-        "--property=StandardOutput=truncate:/run/kvmhook/rolling/PreFlight.42.out",
+        "--property=StandardOutput=file:/run/kvmhook/rolling/PreFlight.42.out",
         "--property=StandardError=inherit",
         "--setenv=KVMHOOK_STAGE=PreFlight",
         "--",
@@ -652,7 +652,9 @@ if os.environ.get("FAKE_EXISTS"):
     sys.stderr.write(f"Failed to start transient service unit: Unit {{unit}} already exists.\\n")
     sys.exit(1)
 sys.stderr.write(f"Running as unit: {{unit}}; invocation ID: 0123\\n")
-with open(props["StandardOutput"].split(":", 1)[1], "wb") as out:
+output = props["StandardOutput"].split(":", 1)[1]
+assert os.stat(output).st_size == 0 and os.stat(output).st_mode & 0o777 == 0o600
+with open(output, "r+b") as out:
     child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:

@@ -305,8 +305,9 @@ def systemd_command(
     """The systemd-run command line that runs `script` as the stage's transient unit.
 
     --wait returns the script's exit status and says how the unit ended; the output
-    goes to a file rather than back through systemd-run (--pipe), so that the stage
-    does not die writing to a pipe nobody reads if kvmhook goes away; RuntimeMaxSec is
+    goes to a file (made empty by the caller; stderr with it) rather than back through
+    systemd-run (--pipe), so that the stage does not die writing to a pipe nobody
+    reads if kvmhook goes away; RuntimeMaxSec is
     the stage's timeout, enforced by systemd (SIGTERM to the unit's whole control
     group, SIGKILL after TimeoutStopSec) even without kvmhook; --collect unloads the
     unit however it ended. systemd expands $VAR in a unit's arguments: `$` is doubled.
@@ -322,7 +323,7 @@ def systemd_command(
         f"--property=RuntimeMaxSec={_seconds(timeout)}",
         f"--property=TimeoutStopSec={_seconds(max(grace, 0.001))}",
         "--property=KillMode=control-group",
-        f"--property=StandardOutput=truncate:{output}",
+        f"--property=StandardOutput=file:{output}",
         "--property=StandardError=inherit",
         f"--setenv=KVMHOOK_STAGE={stage}",
         "--",
@@ -346,6 +347,9 @@ def _in_unit(found: StageRun, hooks: Hooks, args: Sequence[str], timeout: float)
     argv = systemd_command(found.name, found.script, args, timeout, hooks.grace, output)
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Made here, empty and for root only (a stage may print secrets): file: then writes
+        # from its start, as systemd 236 and later do, where truncate: needs 248.
+        os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
         ran = process.run_tool(argv, timeout + hooks.grace + UNIT_SLACK, SYSTEMD_RUN_OUTPUT)
     except OSError as error:
         found.problem = f"cannot run systemd-run: {error.strerror or error}"
