@@ -35,7 +35,7 @@ quiet_pip "$FLOOR/bin/pip" install -q --disable-pip-version-check --no-deps \
     tests/test_cli.py tests/test_cert.py tests/test_rotation.py tests/test_keystore.py tests/test_pki.py tests/test_migrate.py \
     tests/test_tls_setup.py tests/test_controller.py tests/test_capacity.py tests/test_maintenance.py \
     tests/test_exitcodes.py tests/test_cli_ranges.py tests/test_files.py tests/test_keystore_hardening.py \
-    tests/test_metrics.py
+    tests/test_metrics.py tests/test_rolling.py
 
 status=0
 "$VENV/bin/python" -m pytest "$@" || status=$?
