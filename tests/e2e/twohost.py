@@ -33,8 +33,9 @@ hook made of them.
 
 Used by tests/e2e/test_migration.py, test_maintenance_mode.py,
 test_rotation_e2e.py, test_guest_networks.py, test_console_tls.py (one Host
-alone, guests with a VNC console: guest_xml's `vnc`) and
-benchmarks/migration.py; root only.
+alone, guests with a VNC console: guest_xml's `vnc`), test_metrics_e2e.py (one
+Host alone, its metrics scraped by node_exporter) and benchmarks/migration.py;
+root only.
 """
 
 from __future__ import annotations
