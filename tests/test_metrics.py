@@ -293,3 +293,37 @@ def test_promtool_accepts_the_file(host, tmp_path):  # noqa: F811
             [promtool, "check", "metrics"], stdin=data, capture_output=True, check=False
         )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_full_disk_leaves_no_temporary_file_behind(host, tmp_path):  # noqa: F811
+    """Written beside and renamed: on a 4 KiB tmpfs the write fails (ENOSPC), exit 1, and
+    nothing is left in node_exporter's directory (the library may leave its temporary)."""
+    out = tmp_path / "small"
+    out.mkdir()
+    script = (
+        f'mount -t tmpfs -o size=4k tmpfs "{out}" && '
+        f'"{BIN / "kvmhook"}" metrics --connect test:///default --textfile "{out}"; '
+        f'status=$?; ls -A "{out}"; exit $status'
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True, text=True, env={**os.environ, "KVMHOOK_ROOT": str(host.root)},
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert result.stdout == ""  # ls: nothing there
+
+
+def test_a_renewal_of_another_agent_dir_is_not_the_hosts(host, tmp_path):  # noqa: F811
+    other = tmp_path / "other-agent"
+    shutil.copytree(host.agent, other)
+    kvmhook = str(BIN / "kvmhook")
+    env = {**os.environ, "KVMHOOK_ROOT": str(host.root)}
+    subprocess.run(
+        [kvmhook, "cert", "renew", "--agent-dir", str(other), "--signer", "false"],
+        env=env, check=False, capture_output=True,
+    )  # fmt: skip
+    assert not (host.root / "var/lib/kvmhook/cert-renewal.json").exists()
+    found = exposed(host.root)
+    assert found[("kvmhook_certificate_renewal_last_failure_timestamp_seconds", ())] == 0

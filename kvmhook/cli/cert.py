@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import TYPE_CHECKING, Callable
 
 import click
@@ -193,6 +194,7 @@ def renew(
     _report(
         lambda: _renewal(
             _noted(
+                agent_dir,
                 rotation.renew(
                     agent_dir,
                     chosen,
@@ -206,10 +208,10 @@ def renew(
                     key_type=key_type,
                     say=say,
                     consoles_uri=source_uri,
-                )
+                ),
             )
         ),
-        on_failure=_failed_renewal,
+        on_failure=functools.partial(_failed_renewal, agent_dir),
     )
 
 
@@ -324,12 +326,13 @@ def _report(
         raise failure(" ".join(str(error).split()), exitcodes.of(error)) from None
 
 
-def _failed_renewal(error: KvmhookError) -> None:
-    _note(False)
+def _failed_renewal(agent_dir: str | None, error: KvmhookError) -> None:
+    _note(agent_dir, False)
     events.failed("certificate.renewal_failed", error, exit_code=exitcodes.of(error))
 
 
 def _noted(
+    agent_dir: str | None,
     done: rotation.NotDue | rotation.DryRun | rotation.Renewed,
 ) -> rotation.NotDue | rotation.DryRun | rotation.Renewed:
     """`done`, recorded for the renewal metrics when it renewed (consoles or not), and as an
@@ -337,7 +340,7 @@ def _noted(
     from kvmhook.certs import rotation
 
     if isinstance(done, rotation.Renewed):
-        _note(True)
+        _note(agent_dir, True)
         events.emit(
             "certificate.renewed",
             path=paths.on_host(paths.agent_files().cert),
@@ -352,9 +355,13 @@ def _noted(
     return done
 
 
-def _note(succeeded: bool) -> None:
-    """The renewal record (kvmhook.certs.renewalrecord); a failure to write it is a warning."""
+def _note(agent_dir: str | None, succeeded: bool) -> None:
+    """The renewal record (kvmhook.certs.renewalrecord) of the host's own set: a renewal of
+    another --agent-dir is not the host's. A failure to write it is a warning."""
     from kvmhook.certs import renewalrecord
+
+    if agent_dir is not None and os.path.realpath(agent_dir) != os.path.realpath(paths.agent_dir()):
+        return
 
     try:
         renewalrecord.note(succeeded)

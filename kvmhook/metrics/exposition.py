@@ -24,6 +24,7 @@ no `_created` series changing on every run).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Callable
@@ -232,5 +233,15 @@ def write(directory: str, snapshot: Snapshot) -> str:
     if not os.path.isdir(directory):
         raise FileNotFoundError(2, "no such directory", directory)
     path = os.path.join(directory, TEXTFILE)
-    write_to_textfile(path, registry(snapshot))
+    try:
+        write_to_textfile(path, registry(snapshot))
+    except OSError:
+        # prometheus_client writes PATH.<pid>.<thread> beside and renames it; some releases
+        # (Debian 12's 0.16) leave it behind when the write fails (a full disk).
+        prefix = f"{TEXTFILE}.{os.getpid()}."
+        for name in os.listdir(directory):
+            if name.startswith(prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, name))
+        raise
     return path
