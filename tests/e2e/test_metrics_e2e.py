@@ -1,8 +1,7 @@
 """`kvmhook metrics --textfile` scraped by a real node_exporter, on a real libvirt host (issue 16).
 
 One host of twohost.py (its own namespaces, libvirtd, private /etc and
-/var/log/libvirt, and a /var/lib/kvmhook of its own bind-mounted over the
-machine's): the real keystore-setup and keystore-cert-import install a
+/var/log/libvirt and /var/lib/kvmhook): the real keystore-setup and keystore-cert-import install a
 two-day certificate of a test CA (agent, libvirt, QEMU and VNC files), `tls
 enable`, then `libvirtd --listen`. `kvmhook metrics --textfile DIR` runs
 inside the host, so it reads that host's certificates, hook log, maintenance
@@ -43,7 +42,6 @@ from twohost import AGENT_DIR, KVMHOOK, Host, TestCA, guest_xml, missing_prerequ
 
 NODE_EXPORTER = "prometheus-node-exporter"
 EXPORTER_USER = "prometheus"  # the Debian package's user, which its service runs as
-STATE_DIR = Path("/var/lib/kvmhook")  # the mount point; the host mounts its own over it
 TEXTFILE = "kvmhook.prom"
 CUSTOM = "/etc/libvirt/hooks/custom"
 GUEST_MIB = 64  # guest_xml's default
@@ -295,17 +293,12 @@ def metrics_host(tmp_path_factory):
     exporter = NodeExporter(textfile, root / "node-exporter.log")
     host = Host("metrics", "10.250.0.1", root / "host")
     ca = TestCA("metrics")
-    made = not STATE_DIR.exists()
-    STATE_DIR.mkdir(exist_ok=True)
     try:
         host.prepare(peers=[host])
         # The copy of the machine's /etc may hold another test's settings and scripts.
         host.write_kvmhook_conf(None)
         host.path("/etc/kvmhook/controller.conf").unlink(missing_ok=True)
         host.start()
-        private = host.workdir / "var-lib-kvmhook"
-        private.mkdir()
-        host.run("mount", "--bind", str(private), str(STATE_DIR))
         host.keystore_setup()
         host.import_certificate(ca)  # two days, as TestCA signs
         host.run(str(KVMHOOK), "tls", "enable")
@@ -320,8 +313,6 @@ def metrics_host(tmp_path_factory):
             exporter.stop()
             host.stop()
         finally:
-            if made and not any(STATE_DIR.iterdir()):
-                STATE_DIR.rmdir()
             if os.environ.get("KVMHOOK_E2E_KEEP") != "1":
                 shutil.rmtree(root, ignore_errors=True)
                 shutil.rmtree(textfile, ignore_errors=True)

@@ -3,8 +3,8 @@
 Follows shared/notes/two-host-harness.md. Each `Host` is a PID 1 of its own
 (`setsid unshare --mount --uts --net --pid --fork --mount-proc`, running
 INIT below) that bind-mounts a private copy of /etc over /etc, a tmpfs over
-/run and private directories over /var/lib/libvirt, /var/cache/libvirt and
-/var/log/libvirt, sets its own hostname and brings `lo` up. Everything the
+/run and private directories over /var/lib/libvirt, /var/cache/libvirt,
+/var/log/libvirt and /var/lib/kvmhook, sets its own hostname and brings `lo` up. Everything the
 harness runs inside goes through `nsenter -t <that PID 1> -m -u -n -p --`, so
 libvirtd, QEMU, keystore-setup and keystore-cert-import see the host's own
 name, addresses and files; the machine's real /etc is never written. Each
@@ -85,6 +85,8 @@ PRIVATE = {
     "/var/lib/libvirt": "var-lib-libvirt",
     "/var/cache/libvirt": "var-cache-libvirt",
     "/var/log/libvirt": "var-log-libvirt",
+    # kvmhook's state: maintenance state, renewal record, the metrics' position.
+    "/var/lib/kvmhook": "var-lib-kvmhook",
 }
 
 # PID 1 of a host. argv: work dir, hostname, lifeline fd. Never returns before told to stop.
@@ -100,6 +102,7 @@ def sh(*argv):
 
 
 for target, source in private.items():
+    os.makedirs(target, exist_ok=True)  # /var/lib/kvmhook may not exist on the machine yet
     sh("mount", "--bind", os.path.join(directory, source), target)
 sh("mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run")
 for path in ("/run/libvirt", "/run/lock"):
@@ -242,7 +245,7 @@ class Host:
         subprocess.run(
             ["cp", "-a", "/var/cache/libvirt", str(self.path("/var/cache/libvirt"))], check=True
         )  # saves QEMU capability probing
-        for inside in ("/var/lib/libvirt", "/var/log/libvirt"):
+        for inside in ("/var/lib/libvirt", "/var/log/libvirt", "/var/lib/kvmhook"):
             self.path(inside).mkdir()
         self.path("/var/log/libvirt/qemu").mkdir()
         hosts = self.path("/etc/hosts")
