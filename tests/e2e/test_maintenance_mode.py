@@ -6,9 +6,8 @@ with libvirtd's cleared environment, so it reads the real state file,
 remove it afterwards.
 
 Two hosts (twohost.py, secured with TLS): a running guest on host a is
-drained to host b. The harness does not make /var/lib/kvmhook private, so
-each host gets its own, bind-mounted inside its mount namespace: entering
-maintenance on a must not turn b away.
+drained to host b. The harness gives each host a /var/lib/kvmhook of its own:
+entering maintenance on a must not turn b away.
 
 Root only; without the tools it skips (and under CI=true a skip fails).
 """
@@ -153,18 +152,8 @@ def pair():
     reason = missing_prerequisites()
     if reason:
         pytest.skip(reason)
-    made = not STATE.parent.exists()
-    STATE.parent.mkdir(exist_ok=True)  # the mount point; each host mounts its own over it
-    try:
-        with TwoHosts() as hosts:
-            for host in hosts.hosts:
-                private = host.workdir / "var-lib-kvmhook"
-                private.mkdir()
-                host.run("mount", "--bind", str(private), str(STATE.parent))
-            yield hosts
-    finally:
-        if made:
-            STATE.parent.rmdir()
+    with TwoHosts() as hosts:  # each host has a /var/lib/kvmhook of its own (twohost.PRIVATE)
+        yield hosts
 
 
 def host_state(host) -> list[str]:
