@@ -45,6 +45,11 @@ class MigrationAbortedError(MigrationError):
     """The migration job was aborted (timeout, Ctrl-C); the guest stays on the source."""
 
 
+class MigrationTimedOutError(MigrationAbortedError):
+    """Aborted at the migration's own timeout (`kvmhook migrate --timeout`, the drain's
+    --guest-timeout) with --on-timeout abort: a drain moves the other guests on."""
+
+
 class TlsError(KvmhookError):
     """TLS cannot be switched: certificates missing, a file or unit unusable, no restart."""
 

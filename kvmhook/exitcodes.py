@@ -91,11 +91,13 @@ TABLE: dict[str, dict[int, str]] = {
         USAGE: _USAGE,
     },
     "kvmhook migrate": {
-        OK: "migrated",
-        FAILED: "failed: a libvirt error, no such guest, or a guest not in a state to migrate",
-        USAGE: _USAGE,
+        OK: "migrated (with --on-timeout postcopy, also after switching to post-copy)",
+        FAILED: "failed: a libvirt error, no such guest, or a guest not in a state to migrate"
+        " (after a switch to post-copy the message says so: the guest may be paused or lost)",
+        USAGE: _USAGE + "; also --on-timeout postcopy without --timeout, or with --offline",
         REFUSED: "refused: this host or the destination is not secured (see kvmhook tls status)",
-        ABORTED: "aborted (--timeout reached, or Ctrl-C): the guest stays on this host",
+        ABORTED: "aborted (--timeout reached with --on-timeout abort, or Ctrl-C before any"
+        " switch to post-copy): the guest stays on this host",
     },
     "kvmhook capacity": {
         OK: "reported",
@@ -104,14 +106,18 @@ TABLE: dict[str, dict[int, str]] = {
     },
     "kvmhook maintenance enter": {
         OK: "in Maintenance (with a controller and no --wait: asked, the host is preparing)",
-        FAILED: "failed: a guest could not move (the host is left in"
-        " ErrorInPrepareForMaintenance, the reason in kvmhook maintenance status), the"
-        " controller reports an error state, or libvirt, the controller or the state file"
-        " failed",
-        USAGE: "usage error; standalone, also: guests are running and no --to was given",
+        FAILED: "failed: a guest could not move (its migration failed or reached"
+        " --guest-timeout with --on-timeout abort, or it fits on no peer; the others moved"
+        " all the same, the host is left in ErrorInPrepareForMaintenance, the reason in"
+        " kvmhook maintenance status), the controller reports an error state, or libvirt,"
+        " the controller, kvmhook.conf or the state file failed",
+        USAGE: "usage error; standalone, also: guests are running and no --to was given, or"
+        " --on-timeout postcopy without --guest-timeout; with a controller, any drain option",
         REFUSED: "refused: not a legal transition from the current state, or another enter"
         " is running; nothing changed",
-        ABORTED: "aborted: --timeout reached or Ctrl-C (standalone: ErrorInPrepareForMaintenance)",
+        ABORTED: "aborted: --timeout reached or Ctrl-C (standalone: the migrations under way"
+        " are aborted unless in post-copy, the rest not attempted;"
+        " ErrorInPrepareForMaintenance)",
     },
     "kvmhook maintenance cancel": {
         OK: "cancelled: the host accepts guests again",

@@ -17,6 +17,8 @@ MAX_DAYS = 36500
 MAX_SECONDS = 7 * 24 * 3600
 # MiB/s, a TiB/s: beyond any link a migration runs over.
 MAX_BANDWIDTH = 2**20
+# Migrations a drain runs at once (--parallel): each is a QEMU stream and a thread here.
+MAX_PARALLEL = 64
 
 
 def whole_number(text: str, low: int, high: int) -> int | None:

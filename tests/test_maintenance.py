@@ -8,6 +8,7 @@ tests/e2e/test_maintenance.py's job.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -15,9 +16,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import libvirt
 import pytest
 from sandbox import cli_runner
 
@@ -30,6 +33,7 @@ from kvmhook.errors import (
     MaintenanceFailedError,
     MigrationAbortedError,
     MigrationError,
+    MigrationTimedOutError,
     NotSecuredError,
     PeersRequiredError,
     StateFileError,
@@ -80,36 +84,55 @@ def guest(name: str, gib: float = 1) -> virt.GuestSize:
 
 
 class FakeHosts:
-    """This host's running guests, its peers' free memory, and migrations that succeed
-    (the guest leaves the list), fail with the given error, or run `during` first."""
+    """This host's running guests; its peers' physical memory (`free`: with no kvmhook.conf,
+    factor 1 and nothing reserved, all of it is capacity) and the guests running there
+    (`peer_guests`); migrations that succeed (the guest leaves the list), fail with the
+    given error, or run `during` first; each takes `seconds` (in its own thread), and the
+    most migrations under way at once is counted."""
 
-    def __init__(self, guests=(), free=None, failures=None, during=None):
+    def __init__(self, guests=(), free=None, failures=None, during=None, peer_guests=None):
         self.guests = guests if isinstance(guests, Exception) else list(guests)
         self.free = dict(free or {})
+        self.peer_guests = dict(peer_guests or {})
         self.failures = dict(failures or {})
         self.during = during
+        self.seconds = 0.0
         self.migrations: list[tuple[str, str, float | None]] = []
+        self.options: list[dict] = []
         self.states_seen: list[str] = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
 
     def running_guests(self):
         if isinstance(self.guests, Exception):
             raise self.guests
         return list(self.guests)
 
-    def free_memory(self, peer: str) -> int:
+    def peer_memory(self, peer: str):
         found = self.free[peer]
         if isinstance(found, Exception):
             raise found
-        return found
+        return found, list(self.peer_guests.get(peer, []))
 
-    def migrate(self, name: str, peer: str, timeout) -> None:
-        self.migrations.append((name, peer, timeout))
-        self.states_seen.append(hoststate.read()[0])
-        if self.during is not None:
-            self.during()
-        if name in self.failures:
-            raise self.failures[name]
-        self.guests = [g for g in self.guests if g.name != name]
+    def migrate(self, name: str, peer: str, timeout, **options) -> None:
+        with self.lock:
+            self.migrations.append((name, peer, timeout))
+            self.options.append(options)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self.states_seen.append(hoststate.read()[0])
+            if self.during is not None:
+                self.during()
+            time.sleep(self.seconds)
+            if name in self.failures:
+                raise self.failures[name]
+            with self.lock:
+                self.guests = [g for g in self.guests if g.name != name]
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
 
 class FakeController:
@@ -144,9 +167,11 @@ class FakeController:
         return {}
 
 
-def enter(hosts, peers=("kvm2",), timeout=None, lines=None):
+def enter(hosts, peers=("kvm2",), timeout=None, lines=None, **options):
+    """A standalone enter; `options` for DrainOptions (parallel 1 unless given)."""
     report = lines.append if lines is not None else (lambda _line: None)
-    return host_maintenance.enter_standalone(hosts, list(peers), timeout, report)
+    drain = host_maintenance.DrainOptions(**options)
+    return host_maintenance.enter_standalone(hosts, list(peers), timeout, report, drain)
 
 
 # --- the state machine --------------------------------------------------------------------
@@ -243,11 +268,11 @@ def test_state_file_is_old_or_new_never_partial_when_the_writer_is_killed(root):
 
 
 def test_drain_moves_each_guest_to_the_peer_with_most_free_memory(root):
-    """Free memory asked once per peer, booked as guests go: 2 GiB `big` to kvm3 (3 GiB free,
+    """Capacity asked once per peer, booked as guests go: 2 GiB `big` to kvm3 (3 GiB free,
     1 left), then 1 GiB `small` to kvm2 (2 GiB free beats 1). An unreachable peer is skipped
     and said so; the host ends in Maintenance."""
     hosts = FakeHosts(
-        guests=[guest("big", 2), guest("small", 1)],
+        guests=[guest("small", 1), guest("big", 2)],
         free={"kvm2": 2 * GIB, "kvm3": 3 * GIB, "kvm4": VirtError("cannot connect to kvm4")},
     )
     lines: list[str] = []
@@ -260,6 +285,8 @@ def test_drain_moves_each_guest_to_the_peer_with_most_free_memory(root):
     assert hoststate.read() == (MAINTENANCE, "")
     assert lines == [
         "skipping kvm4: cannot connect to kvm4",
+        "kvm2: 2048 MiB free of 2048 MiB ((2048 MiB - 0 MiB reserved) x 1, 0 guest(s) there)",
+        "kvm3: 3072 MiB free of 3072 MiB ((3072 MiB - 0 MiB reserved) x 1, 0 guest(s) there)",
         "moving big (2048 MiB) to kvm3 (3072 MiB free)",
         "moved big to kvm3",
         "moving small (1024 MiB) to kvm2 (2048 MiB free)",
@@ -399,7 +426,7 @@ def test_ctrl_c_outside_a_migration_leaves_error_in_prepare(root):
 def test_a_guest_left_running_after_the_drain_is_an_error(root):
     """The final listing is the truth: a guest still there is named even without a failure."""
     hosts = FakeHosts(guests=[guest("vm1")], free={"kvm2": GIB})
-    hosts.migrate = lambda name, peer, timeout: None  # "succeeds", the guest stays
+    hosts.migrate = lambda name, peer, timeout, **options: None  # "succeeds", the guest stays
     with pytest.raises(MaintenanceFailedError):
         enter(hosts)
     assert hoststate.read() == (ERROR_IN_PREPARE, "vm1: still running after the drain")
@@ -413,6 +440,252 @@ def test_enter_is_refused_from_maintenance_before_libvirt_is_asked(root):
         enter(hosts)
 
 
+# --- the parallel drain: placement, capacity, concurrency ----------------------------------
+
+
+def write_kvmhook_conf(root: Path, text: str) -> None:
+    path = root / "etc/kvmhook/kvmhook.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def booked(hosts: FakeHosts, guests) -> dict[str, int]:
+    """Bytes sent to each peer, from the migrations made."""
+    sizes = {g.name: g.memory for g in guests}
+    sent: dict[str, int] = {}
+    for name, peer, _ in hosts.migrations:
+        sent[peer] = sent.get(peer, 0) + sizes[name]
+    return sent
+
+
+def test_largest_guest_first_whatever_the_listing_order(root):
+    """Guests are sent largest memory first (a tie by name), not in libvirt's order."""
+    guests = [guest("a", 1), guest("b", 4), guest("c", 2), guest("d", 4), guest("e", 0.5)]
+    hosts = FakeHosts(guests=guests, free={"kvm2": 64 * GIB})
+    enter(hosts)
+    assert [name for name, _, _ in hosts.migrations] == ["b", "d", "c", "a", "e"]
+
+
+def test_capacity_is_physical_less_reserved_times_this_hosts_factor_less_its_guests(root):
+    """The peer's capacity uses this host's memory factor and reserved memory (kvmhook.conf):
+    (4 GiB - 1 GiB) x 1.5 = 4.5 GiB, less its 2 GiB guest: 2.5 GiB free. A 2 GiB guest goes;
+    the next 1 GiB does not fit (0.5 GiB left) and stays, named."""
+    write_kvmhook_conf(root, "[capacity]\nmem_factor = 1.5\nreserved_memory_mib = 1024\n")
+    hosts = FakeHosts(
+        guests=[guest("big", 2), guest("small", 1)],
+        free={"kvm2": 4 * GIB},
+        peer_guests={"kvm2": [guest("there", 2)]},
+    )
+    lines: list[str] = []
+    with pytest.raises(MaintenanceFailedError) as failed:
+        enter(hosts, lines=lines)
+    assert lines[0] == (
+        "kvm2: 2560 MiB free of 4608 MiB ((4096 MiB - 1024 MiB reserved) x 1.5, 1 guest(s) there)"
+    )
+    assert [name for name, _, _ in hosts.migrations] == ["big"]
+    why = "fits on no peer: it needs 1024 MiB, free capacity: kvm2 512 MiB"
+    assert hoststate.read() == (ERROR_IN_PREPARE, f"small: {why}")
+    assert f"small stays: {why}" in lines
+    assert "1 guest(s) not moved" in str(failed.value)
+
+
+def test_reserved_memory_from_agent_properties_counts_too(root):
+    """Without kvmhook.conf, host.reserved.mem.mb in agent.properties is the reserve."""
+    properties = root / "etc/cloudstack/agent/agent.properties"
+    properties.parent.mkdir(parents=True)
+    properties.write_text("host.reserved.mem.mb=3072\n")
+    hosts = FakeHosts(guests=[guest("vm1", 2)], free={"kvm2": 4 * GIB})
+    with pytest.raises(MaintenanceFailedError):
+        enter(hosts)
+    assert (
+        hoststate.read()[1]
+        == "vm1: fits on no peer: it needs 2048 MiB, free capacity: kvm2 1024 MiB"
+    )
+
+
+def test_each_guest_goes_to_the_peer_with_most_free_capacity_never_past_it(root):
+    """Six guests over three peers of unequal capacity, three at once: each is sent to the
+    peer with the most free capacity at that moment, no peer gets more than its capacity,
+    and what fits nowhere stays with the reason."""
+    guests = [guest(f"vm{i}", size) for i, size in enumerate([3, 3, 2, 2, 2, 1])]
+    hosts = FakeHosts(guests=guests, free={"kvm2": 5 * GIB, "kvm3": 4 * GIB, "kvm4": 2 * GIB})
+    hosts.seconds = 0.05
+    with pytest.raises(MaintenanceFailedError):
+        enter(hosts, peers=("kvm2", "kvm3", "kvm4"), parallel=3)
+    # vm0 (3) -> kvm2 (5 free), vm1 (3) -> kvm3 (4), vm2 (2) -> kvm2 or kvm4 (2 each: kvm2 is
+    # named first), vm3 (2) -> kvm4, vm4 (2): kvm3 has 1 left, fits nowhere, vm5 (1) -> kvm3.
+    assert [(name, peer) for name, peer, _ in hosts.migrations] == [
+        ("vm0", "kvm2"),
+        ("vm1", "kvm3"),
+        ("vm2", "kvm2"),
+        ("vm3", "kvm4"),
+        ("vm5", "kvm3"),
+    ]
+    sent = booked(hosts, guests)
+    assert sent["kvm2"] <= 5 * GIB and sent["kvm3"] <= 4 * GIB and sent["kvm4"] <= 2 * GIB
+    state, reason = hoststate.read()
+    assert (state, reason.split(":")[0]) == (ERROR_IN_PREPARE, "vm4")
+    assert reason.startswith("vm4: fits on no peer: it needs 2048 MiB")
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 3])
+def test_never_more_than_parallel_migrations_at_once(root, parallel):
+    """Migrations that take 0.1 s each: exactly `parallel` run at once, never more."""
+    hosts = FakeHosts(guests=[guest(f"vm{i}") for i in range(6)], free={"kvm2": 64 * GIB})
+    hosts.seconds = 0.1
+    began = time.monotonic()
+    assert len(enter(hosts, parallel=parallel)) == 6
+    took = time.monotonic() - began
+    assert hosts.most_in_flight == parallel
+    assert took < 0.1 * (6 / parallel) + 1.0
+    assert hoststate.read() == (MAINTENANCE, "")
+
+
+def test_a_failing_guest_does_not_stop_the_others_in_parallel(root):
+    """Two at once; vm2 fails at once: every other guest still moves; the host is left in
+    ErrorInPrepareForMaintenance naming vm2 (exit 1, as before)."""
+    guests = [guest(f"vm{i}") for i in range(5)]
+    hosts = FakeHosts(
+        guests=guests, free={"kvm2": 64 * GIB}, failures={"vm2": VirtError("unsupported")}
+    )
+    hosts.seconds = 0.05
+    with pytest.raises(MaintenanceFailedError):
+        enter(hosts, parallel=2)
+    assert sorted(name for name, _, _ in hosts.migrations) == [g.name for g in guests]
+    assert [g.name for g in hosts.guests] == ["vm2"]
+    assert hoststate.read() == (ERROR_IN_PREPARE, "vm2: unsupported")
+
+
+def test_a_guest_timeout_abort_is_that_guests_failure_only(root):
+    """--guest-timeout reached with --on-timeout abort (MigrationTimedOutError): that guest
+    stays, the others move, exit 1 (MaintenanceFailedError), not an aborted drain."""
+    timed_out = MigrationTimedOutError("migration of vm0 timed out after 5 s: aborted")
+    hosts = FakeHosts(
+        guests=[guest("vm0", 2), guest("vm1"), guest("vm2")],
+        free={"kvm2": 64 * GIB},
+        failures={"vm0": timed_out},
+    )
+    with pytest.raises(MaintenanceFailedError):
+        enter(hosts, parallel=2, guest_timeout=5, on_timeout="abort")
+    assert sorted(name for name, _, _ in hosts.migrations) == ["vm0", "vm1", "vm2"]
+    assert hoststate.read() == (ERROR_IN_PREPARE, f"vm0: {timed_out}")
+    assert all(
+        options == {"guest_timeout": 5, "on_timeout": "abort", "stop": options["stop"]}
+        for options in hosts.options
+    )
+
+
+def test_the_options_reach_each_migration(root):
+    """--guest-timeout and --on-timeout are each migration's; --timeout's remainder too."""
+    hosts = FakeHosts(guests=[guest("vm1")], free={"kvm2": 8 * GIB})
+    enter(hosts, timeout=100, guest_timeout=30, on_timeout="postcopy")
+    ((_name, _peer, timeout),) = hosts.migrations
+    assert 99 < timeout <= 100
+    assert hosts.options[0]["guest_timeout"] == 30
+    assert hosts.options[0]["on_timeout"] == "postcopy"
+    assert isinstance(hosts.options[0]["stop"], threading.Event)
+
+
+def test_room_given_back_by_a_failed_migration_is_used(root):
+    """Room for one 2 GiB guest at a time: the second waits while the first is under way;
+    the first fails, giving the room back, and the second goes."""
+    hosts = FakeHosts(
+        guests=[guest("first", 2), guest("second", 2)],
+        free={"kvm2": 3 * GIB},
+        failures={"first": VirtError("boom")},
+    )
+    hosts.seconds = 0.1
+    with pytest.raises(MaintenanceFailedError):
+        enter(hosts, parallel=2)
+    assert [name for name, _, _ in hosts.migrations] == ["first", "second"]
+    assert hosts.most_in_flight == 1
+    assert hoststate.read() == (ERROR_IN_PREPARE, "first: boom")
+
+
+def test_ctrl_c_during_a_parallel_drain_aborts_those_under_way(root):
+    """Ctrl-C (SIGINT to the drain's main thread) while two migrate: both are told to stop
+    (their stop event) and abort, the rest are not attempted: MaintenanceAbortedError."""
+    hosts = FakeHosts(guests=[guest(f"vm{i}") for i in range(4)], free={"kvm2": 64 * GIB})
+    started = threading.Barrier(2)
+
+    def migrate(name, peer, timeout, **options):
+        hosts.migrations.append((name, peer, timeout))
+        if started.wait() == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        if options["stop"].wait(10):
+            raise MigrationAbortedError(f"migration of {name} interrupted: aborted")
+        raise AssertionError("the stop event was never set")
+
+    hosts.migrate = migrate
+    with pytest.raises(MaintenanceAbortedError):
+        enter(hosts, parallel=2)
+    assert sorted(name for name, _, _ in hosts.migrations) == ["vm0", "vm1"]
+    state, reason = hoststate.read()
+    assert state == ERROR_IN_PREPARE
+    assert "vm0: migration of vm0 interrupted: aborted" in reason
+    assert "vm2: not attempted: --timeout reached or interrupted" in reason
+
+
+def test_an_aborted_drain_migration_stops_the_sending_in_parallel(root):
+    """The drain's --timeout reached in one migration (MigrationAbortedError): the guests not
+    yet sent wait; those under way end by themselves."""
+    aborted = MigrationAbortedError("migration of vm0 timed out after 5 s: aborted")
+    hosts = FakeHosts(
+        guests=[guest("vm0", 2), guest("vm1"), guest("vm2"), guest("vm3")],
+        free={"kvm2": 64 * GIB},
+        failures={"vm0": aborted},
+    )
+    with pytest.raises(MaintenanceAbortedError):
+        enter(hosts, timeout=5, parallel=2)
+    assert sorted(name for name, _, _ in hosts.migrations) == ["vm0", "vm1"]
+    assert "vm3: not attempted" in hoststate.read()[1]
+
+
+def test_board_on_a_terminal_shows_one_line_per_guest_in_flight():
+    """Two guests in flight: two lines redrawn in place below the lines said; a guest's line
+    goes when its migration ends."""
+    stream = io.StringIO()
+    board = migration.Board(stream, tty=True)
+    one = board.line("vm1", "kvm2")
+    two = board.line("vm2", "kvm3")
+    one.update(virt.JobProgress(1 * 2**20, 3 * 2**20, 2**20))
+    board.note("moved vm0 to kvm2")
+    one.finish()
+    out = stream.getvalue()
+    frames = out.split("\x1b[J")
+    assert frames[0] == "\rvm1 -> kvm2: starting\x1b[K\n"
+    assert frames[1] == "\x1b[1Fvm1 -> kvm2: starting\x1b[K\nvm2 -> kvm3: starting\x1b[K\n"
+    assert frames[2] == (
+        "\x1b[2F"
+        "vm1 -> kvm2 [#####---------------]  25% 1.0 MiB sent, 3.0 MiB left, 1.0 MiB/s\x1b[K\n"
+        "vm2 -> kvm3: starting\x1b[K\n"
+    )
+    assert frames[3].startswith("\x1b[2Fmoved vm0 to kvm2\x1b[K\nvm1 -> kvm2 [")
+    assert frames[4] == "\x1b[2Fvm2 -> kvm3: starting\x1b[K\n"
+    two.finish()
+    assert stream.getvalue().endswith("\x1b[1F\x1b[J")
+
+
+def test_board_without_a_terminal_prints_plain_lines():
+    """Not a terminal: notes as they are, progress as `progress: GUEST: ...` lines, every
+    few seconds per guest; no escape sequences."""
+    now = [0.0]
+    stream = io.StringIO()
+    board = migration.Board(stream, tty=False, every=5, clock=lambda: now[0])
+    one, two = board.line("vm1", "kvm2"), board.line("vm2", "kvm2")
+    for now[0] in (0, 1, 6):
+        one.update(virt.JobProgress(2**20, 2**20, 0))
+    two.update(virt.JobProgress(2**20, 3 * 2**20, 0))
+    board.note("moved vm1 to kvm2")
+    one.finish()
+    assert stream.getvalue().splitlines() == [
+        "progress: vm1:  50% 1.0 MiB sent, 1.0 MiB left, 0.0 MiB/s",
+        "progress: vm1:  50% 1.0 MiB sent, 1.0 MiB left, 0.0 MiB/s",
+        "progress: vm2:  25% 1.0 MiB sent, 3.0 MiB left, 0.0 MiB/s",
+        "moved vm1 to kvm2",
+    ]
+
+
 def test_parse_peers_splits_strips_and_drops_repeats():
     assert host_maintenance.parse_peers(" kvm2, kvm3,,kvm2 ") == ["kvm2", "kvm3"]
     assert host_maintenance.parse_peers(None) == []
@@ -421,36 +694,46 @@ def test_parse_peers_splits_strips_and_drops_repeats():
 
 
 def test_libvirt_migrates_as_kvmhook_migrate_and_asks_peers_over_tls(monkeypatch):
-    """The real seam: the migration is kvmhook migrate's TLS plan with its secured checks;
-    a peer's free memory is asked over its qemu+tls URI."""
+    """The real seam: the migration is kvmhook migrate's TLS plan with its secured checks,
+    --guest-timeout its timeout, the drain's time left and its stop event its limits, its
+    progress a line of the drain's board; a peer's memory is asked over its qemu+tls URI."""
     calls = []
     monkeypatch.setattr(migration, "migrate", lambda *args, **kwargs: calls.append((args, kwargs)))
-    monkeypatch.setattr(virt, "free_memory", lambda uri: calls.append(uri) or 5)
-    progress = migration.Progress(sys.stdout, tty=False)
-    hosts = host_maintenance.Hosts("qemu:///system", progress)
-    assert hosts.free_memory("kvm2") == 5
-    hosts.migrate("vm1", "kvm2", 30.0)
+    monkeypatch.setattr(virt, "host_memory", lambda uri: calls.append(uri) or (5, []))
+    board = migration.Board(io.StringIO(), tty=False)
+    hosts = host_maintenance.Hosts("qemu:///system", board)
+    assert hosts.peer_memory("kvm2") == (5, [])
+    stop = threading.Event()
+    hosts.migrate("vm1", "kvm2", 30.0, guest_timeout=10, on_timeout="postcopy", stop=stop)
+    hosts.migrate("vm2", "kvm2", None)
     assert calls[0] == "qemu+tls://kvm2/system"
-    assert calls[1] == (
-        ("vm1", migration.make_plan("kvm2"), progress),
-        {
-            "source_uri": "qemu:///system",
-            "timeout": 30.0,
-            "local_check": migration.local_tls_problem,
-            "dest_check": migration.dest_tls_problem,
-        },
-    )
+    (args, kwargs), (args2, kwargs2) = calls[1], calls[2]
+    assert args[:2] == ("vm1", migration.make_plan("kvm2", postcopy=True))
+    assert args2[:2] == ("vm2", migration.make_plan("kvm2"))
+    assert args[1].flags & libvirt.VIR_MIGRATE_POSTCOPY
+    assert isinstance(args[2], migration.Progress)
+    assert kwargs == {
+        "source_uri": "qemu:///system",
+        "timeout": 10,
+        "local_check": migration.local_tls_problem,
+        "dest_check": migration.dest_tls_problem,
+        "limits": migration.Limits(hard_timeout=30.0, stop=stop),
+    }
+    assert (kwargs2["timeout"], kwargs2["limits"]) == (None, migration.Limits(None, None))
 
 
-def test_free_memory_and_running_guests_from_the_test_driver():
-    """virt.free_memory reads libvirt's figure; an unreachable libvirt is a VirtError."""
-    assert virt.free_memory("test:///default") > 0
-    guests = host_maintenance.Hosts("test:///default", None).running_guests()
-    assert [g.name for g in guests] == ["test"]
+def test_peer_memory_and_running_guests_from_the_test_driver():
+    """virt.host_memory reads the node's memory (getInfo: the test driver has no node memory
+    stats) and its guests' maximum memory; an unreachable libvirt is a VirtError."""
+    physical, guests = virt.host_memory("test:///default")
+    assert physical == 3072 * 2**20  # the test driver's node: 3 GiB
+    assert [(g.name, g.memory) for g in guests] == [("test", 8 * GIB)]
+    running = host_maintenance.Hosts("test:///default", None).running_guests()
+    assert [g.name for g in running] == ["test"]
     with pytest.raises(
         VirtError, match=re.escape("cannot connect to qemu+tls://127.0.0.1:1/system")
     ):
-        virt.free_memory("qemu+tls://127.0.0.1:1/system")
+        virt.host_memory("qemu+tls://127.0.0.1:1/system")
 
 
 # --- with a controller --------------------------------------------------------------------
@@ -589,6 +872,57 @@ def test_cli_enter_exit_0_in_maintenance(root, wired):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "Maintenance: 1 guest(s) moved off this host"
     assert hoststate.read()[0] == MAINTENANCE
+
+
+def test_cli_enter_migrates_two_at_once_by_default(root, wired):
+    """No --parallel: two at once; --parallel 1 is one after the other, as before."""
+    wired.hosts.guests = [guest(f"vm{i}") for i in range(4)]
+    wired.hosts.seconds = 0.1
+    assert invoke("enter", "--to", "kvm2").exit_code == 0
+    assert wired.hosts.most_in_flight == 2
+    invoke("cancel")
+    wired.hosts.guests = [guest(f"vm{i}") for i in range(4)]
+    wired.hosts.most_in_flight = 0
+    assert invoke("enter", "--to", "kvm2", "--parallel", "1").exit_code == 0
+    assert wired.hosts.most_in_flight == 1
+
+
+def test_cli_enter_passes_guest_timeout_and_on_timeout(root, wired):
+    wired.hosts.guests = [guest("vm1")]
+    args = ("--guest-timeout", "60", "--on-timeout", "postcopy", "--timeout", "600")
+    result = invoke("enter", "--to", "kvm2", *args)
+    assert result.exit_code == 0, result.stderr
+    assert (wired.hosts.options[0]["guest_timeout"], wired.hosts.options[0]["on_timeout"]) == (
+        60,
+        "postcopy",
+    )
+    assert wired.hosts.migrations[0][2] <= 600
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--parallel", "0"], "must be a whole number from 1 to 64"),
+        (["--parallel", "65"], "must be a whole number from 1 to 64"),
+        (["--guest-timeout", "0"], "must be a whole number from 1 to 604800"),
+        (["--on-timeout", "postcopy"], "--on-timeout postcopy needs --guest-timeout"),
+        (["--on-timeout", "retry"], "Invalid value for '--on-timeout'"),
+    ],
+)
+def test_cli_enter_drain_options_usage_errors(root, wired, args, message):
+    wired.hosts.guests = [guest("vm1")]
+    result = invoke("enter", "--to", "kvm2", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not state_file(root).exists()
+
+
+def test_cli_with_a_controller_refuses_drain_options(root, wired):
+    wired.controller = FakeController()
+    result = invoke("enter", "--parallel", "4")
+    assert result.exit_code == 2
+    assert "are for a host without a controller" in result.stderr
+    assert wired.controller.calls == []
 
 
 def test_cli_enter_exit_1_when_a_guest_cannot_move(root, wired):

@@ -25,6 +25,7 @@ from kvmhook.errors import (
     DomainNotFoundError,
     MigrationAbortedError,
     MigrationError,
+    MigrationTimedOutError,
     NotSecuredError,
     VirtError,
 )
@@ -77,11 +78,23 @@ class FakeDomain:
     in the main thread, as with libvirt.
     """
 
-    def __init__(self, seconds: float = 0.0, stats: tuple = (), abort_fails: bool = False):
+    def __init__(
+        self,
+        seconds: float = 0.0,
+        stats: tuple = (),
+        abort_fails: bool = False,
+        postcopy_refusals: int = 0,
+        postcopy_fails: bool = False,
+    ):
         self.seconds = seconds
         self.stats = list(stats)
         self.abort_fails = abort_fails
         self.aborted = threading.Event()
+        self.postcopy = threading.Event()  # migrateStartPostCopy accepted: ends soon after
+        self.postcopy_refusals = postcopy_refusals  # refused that many times first
+        self.postcopy_fails = postcopy_fails  # the post-copy phase then fails
+        self.postcopy_calls: list[float] = []
+        self.postcopy_seconds = 0.05  # the rest of the pages, fetched by the destination
         self.calls: list[tuple] = []
 
     def name(self) -> str:
@@ -92,8 +105,22 @@ class FakeDomain:
 
     def migrateToURI3(self, uri: str, params: dict, flags: int) -> int:
         self.calls.append((uri, params, flags))
-        if self.aborted.wait(self.seconds):
-            raise libvirt_error("operation aborted: migration out job: canceled by client")
+        until = time.monotonic() + self.seconds
+        while time.monotonic() < until:
+            if self.aborted.wait(0.01):
+                raise libvirt_error("operation aborted: migration out job: canceled by client")
+            if self.postcopy.is_set():
+                time.sleep(self.postcopy_seconds)
+                if self.postcopy_fails:
+                    raise libvirt_error("operation failed: migration out job: unexpectedly failed")
+                return 0
+        return 0
+
+    def migrateStartPostCopy(self, flags: int = 0) -> int:
+        self.postcopy_calls.append(time.monotonic())
+        if len(self.postcopy_calls) <= self.postcopy_refusals:
+            raise libvirt_error("Requested operation is not valid: post-copy not yet possible")
+        self.postcopy.set()
         return 0
 
     def jobStats(self) -> dict:
@@ -185,6 +212,17 @@ def test_insecure_plan_uses_qemu_tcp_without_the_tls_flag(live):
     assert not plan.secure
 
 
+def test_postcopy_plan_adds_the_postcopy_flag_and_keeps_auto_converge():
+    """--on-timeout postcopy: VIR_MIGRATE_POSTCOPY on top of the live flags (auto-converge
+    stays on); refused for an offline migration."""
+    plan = migration.make_plan("kvm2", postcopy=True)
+    assert plan.flags == LIVE_TLS | libvirt.VIR_MIGRATE_POSTCOPY
+    assert plan.flags & libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    assert plan.postcopy
+    with pytest.raises(MigrationError, match="post-copy is for a live migration"):
+        migration.make_plan("kvm2", live=False, postcopy=True)
+
+
 def test_bandwidth_becomes_the_bandwidth_parameter_in_mib_per_second():
     """--bandwidth 500 is passed as VIR_MIGRATE_PARAM_BANDWIDTH = 500."""
     plan = migration.make_plan("kvm2", bandwidth=500)
@@ -242,6 +280,8 @@ def test_test_driver_cannot_migrate_report_or_abort(test_guest):
     assert test_guest.progress() is None
     with pytest.raises(VirtError, match="not supported"):
         test_guest.abort()
+    with pytest.raises(VirtError, match=r"cannot switch test to post-copy: .*not supported"):
+        test_guest.start_postcopy()
 
 
 def test_live_migration_of_a_shut_off_guest_is_refused(shut_off_guest):
@@ -349,9 +389,18 @@ def test_local_check_refuses_a_bare_host(monkeypatch, tmp_path):
 # --- running: progress, timeout, abort -----------------------------------------------------
 
 
-def run_fake(domain: FakeDomain, timeout: float | None, stream=None, plan=None) -> None:
+def run_fake(
+    domain: FakeDomain, timeout: float | None, stream=None, plan=None, limits=None
+) -> None:
     progress = migration.Progress(stream or io.StringIO(), tty=False, every=0)
-    migration.run(virt.Guest(domain), plan or migration.make_plan("kvm2"), progress, timeout, 0.05)
+    migration.run(
+        virt.Guest(domain),
+        plan or migration.make_plan("kvm2"),
+        progress,
+        timeout,
+        0.05,
+        limits=limits,
+    )
 
 
 def test_run_passes_uri_params_and_flags_to_migrate_to_uri3():
@@ -375,6 +424,111 @@ def test_timeout_aborts_the_job_and_the_guest_stays():
         " (migration of vm1 to qemu+tls://kvm2/system failed:"
         " operation aborted: migration out job: canceled by client)"
     )
+
+
+def test_the_migrations_own_timeout_is_a_timed_out_error():
+    """At its own timeout with --on-timeout abort: MigrationTimedOutError (a drain moves the
+    other guests on); the drain's limit (hard_timeout) is a plain MigrationAbortedError."""
+    with pytest.raises(MigrationTimedOutError):
+        run_fake(FakeDomain(seconds=30), timeout=0.1)
+    with pytest.raises(MigrationAbortedError) as caught:
+        run_fake(FakeDomain(seconds=30), timeout=5, limits=migration.Limits(hard_timeout=0.1))
+    assert not isinstance(caught.value, MigrationTimedOutError)
+    assert "timed out after 0.1 s: aborted" in str(caught.value)
+
+
+def test_postcopy_switches_at_the_timeout_instead_of_aborting():
+    """--on-timeout postcopy: at the timeout migrateStartPostCopy is called (once), the job is
+    not aborted, and it completes; the switch and its risk are said."""
+    domain = FakeDomain(seconds=30)
+    stream = io.StringIO()
+    began = time.monotonic()
+    run_fake(domain, timeout=0.3, stream=stream, plan=migration.make_plan("kvm2", postcopy=True))
+    assert len(domain.postcopy_calls) == 1
+    assert domain.postcopy_calls[0] - began >= 0.3
+    assert time.monotonic() - began < 5
+    assert not domain.aborted.is_set()
+    assert domain.calls[0][2] & libvirt.VIR_MIGRATE_POSTCOPY
+    assert "vm1: timed out after 0.3 s, switched to post-copy: the guest now runs on the" in (
+        stream.getvalue()
+    )
+    assert "if the network between them fails before it ends, the guest is lost" in (
+        stream.getvalue()
+    )
+
+
+def test_postcopy_refused_at_first_is_tried_again_at_each_poll():
+    """The switch refused (the job not yet under way) is retried until accepted, said once."""
+    domain = FakeDomain(seconds=30, postcopy_refusals=3)
+    stream = io.StringIO()
+    run_fake(domain, timeout=0.1, stream=stream, plan=migration.make_plan("kvm2", postcopy=True))
+    assert len(domain.postcopy_calls) == 4
+    assert not domain.aborted.is_set()
+    assert stream.getvalue().count("post-copy not yet possible: trying again") == 1
+
+
+def test_without_the_postcopy_plan_the_timeout_aborts():
+    """Default (--on-timeout abort): no migrateStartPostCopy, the job is aborted."""
+    domain = FakeDomain(seconds=30)
+    with pytest.raises(MigrationTimedOutError):
+        run_fake(domain, timeout=0.1)
+    assert domain.postcopy_calls == [] and domain.aborted.is_set()
+
+
+def test_the_drains_limits_abort_before_the_switch_but_not_after():
+    """The drain's hard timeout (or its stop event) aborts a migration still in pre-copy even
+    with postcopy; once switched, nothing aborts it."""
+    plan = migration.make_plan("kvm2", postcopy=True)
+    domain = FakeDomain(seconds=30)
+    with pytest.raises(MigrationAbortedError, match=r"timed out after 0\.1 s"):
+        run_fake(domain, timeout=5, plan=plan, limits=migration.Limits(hard_timeout=0.1))
+    assert domain.postcopy_calls == [] and domain.aborted.is_set()
+    stop = threading.Event()
+    stop.set()
+    domain = FakeDomain(seconds=30)
+    with pytest.raises(MigrationAbortedError, match="interrupted: aborted"):
+        run_fake(domain, timeout=5, plan=plan, limits=migration.Limits(stop=stop))
+    # Switched at 0.1 s, the hard limit at 0.2 s passes while the pages still come: no abort.
+    domain = FakeDomain(seconds=30)
+    original = domain.migrateStartPostCopy
+
+    def slow_postcopy(flags: int = 0) -> int:
+        original(flags)
+        time.sleep(0.3)
+        return 0
+
+    domain.migrateStartPostCopy = slow_postcopy
+    run_fake(domain, timeout=0.1, plan=plan, limits=migration.Limits(hard_timeout=0.2))
+    assert not domain.aborted.is_set()
+
+
+def test_ctrl_c_after_the_switch_waits_for_post_copy_to_end():
+    """Ctrl-C once in post-copy cannot abort (the guest runs there): said, and waited for."""
+    domain = FakeDomain(seconds=30)
+    original = domain.migrateStartPostCopy
+    state = {"switched": False}
+
+    def switch(flags: int = 0) -> int:
+        state["switched"] = True
+        domain.stats = [KeyboardInterrupt(), job(1, 1)]
+        return original(flags)
+
+    domain.migrateStartPostCopy = switch
+    domain.postcopy_seconds = 0.5  # polls in post-copy read the stats that raise Ctrl-C
+    stream = io.StringIO()
+    plan = migration.make_plan("kvm2", postcopy=True)
+    run_fake(domain, timeout=0.1, stream=stream, plan=plan)
+    assert state["switched"] and not domain.aborted.is_set()
+    assert "vm1: in post-copy, which cannot be interrupted: waiting for it to end" in (
+        stream.getvalue()
+    )
+
+
+def test_a_failure_after_the_switch_says_the_guest_may_be_lost():
+    """The post-copy phase failing: a VirtError saying where to look, not an abort."""
+    domain = FakeDomain(seconds=30, postcopy_fails=True)
+    with pytest.raises(VirtError, match="it had switched to post-copy: check where vm1 runs"):
+        run_fake(domain, timeout=0.1, plan=migration.make_plan("kvm2", postcopy=True))
 
 
 def test_offline_timeout_says_the_guest_stays_defined_here():
@@ -564,6 +718,41 @@ def test_cli_exit_4_when_timed_out(secured_ends, fake_guest):
     assert result.exit_code == 4
     assert fake_guest.aborted.is_set()
     assert "timed out after 1 s: aborted, the guest keeps running on this host" in result.stderr
+
+
+def test_cli_on_timeout_postcopy_switches_at_the_timeout(secured_ends, fake_guest):
+    """--timeout 1 --on-timeout postcopy: the migration starts with VIR_MIGRATE_POSTCOPY,
+    switches at 1 s, completes: exit 0."""
+    fake_guest.seconds = 30
+    result = invoke("vm1", "kvm2", "--timeout", "1", "--on-timeout", "postcopy")
+    assert result.exit_code == 0, result.stderr
+    assert fake_guest.calls[0][2] == LIVE_TLS | libvirt.VIR_MIGRATE_POSTCOPY
+    assert len(fake_guest.postcopy_calls) == 1 and not fake_guest.aborted.is_set()
+    assert "vm1: timed out after 1 s, switched to post-copy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--on-timeout", "postcopy"], "--on-timeout postcopy needs --timeout"),
+        (
+            ["--on-timeout", "postcopy", "--timeout", "5", "--offline"],
+            "--on-timeout postcopy is for a live migration",
+        ),
+        (["--on-timeout", "later"], "Invalid value for '--on-timeout'"),
+    ],
+)
+def test_cli_on_timeout_usage_errors(args, message):
+    result = invoke("test", "kvm2", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_cli_on_timeout_choices_are_the_cores():
+    """options.ON_TIMEOUT (the CLI, which must not load libvirt) names the core's choices."""
+    from kvmhook.cli import options
+
+    assert options.ON_TIMEOUT == migration.ON_TIMEOUT == (migration.ABORT, migration.POSTCOPY)
 
 
 def test_cli_help_documents_the_exit_codes():

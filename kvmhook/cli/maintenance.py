@@ -9,11 +9,22 @@ from typing import TYPE_CHECKING
 import click
 
 from kvmhook import exitcodes
-from kvmhook.cli.options import SECONDS, connect_option, failure, with_exit_codes
+from kvmhook.cli.options import (
+    PARALLEL,
+    SECONDS,
+    connect_option,
+    failure,
+    on_timeout_option,
+    with_exit_codes,
+)
 from kvmhook.errors import KvmhookError, MigrationError, PeersRequiredError
 
 if TYPE_CHECKING:  # the core loads libvirt-python: imported by the commands that use it
     from kvmhook.host.maintenance import Hosts
+    from kvmhook.host.migrate import Board
+
+# --parallel when not given (1: one guest after the other, as before issue 17).
+DEFAULT_PARALLEL = 2
 
 
 @click.group()
@@ -31,6 +42,8 @@ def maintenance() -> None:
         "kvmhook maintenance enter",
         "\b\nExample: kvmhook maintenance enter --to kvm2.example.org,kvm3.example.org"
         " --timeout 3600",
+        "\b\nBusy guests: kvmhook maintenance enter --to kvm2.example.org --parallel 4"
+        " --guest-timeout 600 --on-timeout postcopy",
     )
 )
 @click.option(
@@ -46,37 +59,76 @@ def maintenance() -> None:
     "--timeout",
     type=SECONDS,
     metavar="S",
-    help=f"Give up after S seconds ({SECONDS.span}; standalone: the migration under way "
-    "is aborted).",
+    help=f"Give up after S seconds ({SECONDS.span}; standalone: the whole drain, the"
+    " migrations under way are aborted unless in post-copy).",
 )
+@click.option(
+    "--parallel",
+    type=PARALLEL,
+    metavar="N",
+    help=f"Standalone: migrate up to N guests at once ({PARALLEL.span}; default 2, 1 = one"
+    " after the other).",
+)
+@click.option(
+    "--guest-timeout",
+    type=SECONDS,
+    metavar="S",
+    help=f"Standalone: each migration's own timeout ({SECONDS.span}); what happens at it:"
+    " --on-timeout.",
+)
+@on_timeout_option("--guest-timeout")
 @connect_option
-def enter(to: str | None, wait: bool, timeout: int | None, source_uri: str) -> None:
+def enter(
+    to: str | None,
+    wait: bool,
+    timeout: int | None,
+    parallel: int | None,
+    guest_timeout: int | None,
+    on_timeout: str,
+    source_uri: str,
+) -> None:
     """Put this host in maintenance.
 
     Standalone: the host goes to PrepareForMaintenance (no guest may arrive),
-    each running guest is live-migrated over TLS, as by kvmhook migrate, to the
-    --to host with the most free memory, then the host is in Maintenance. It
-    always waits for the drain. A guest that cannot move leaves the host in
-    ErrorInPrepareForMaintenance; enter again to retry, or cancel.
+    the running guests are live-migrated over TLS, as by kvmhook migrate, up to
+    --parallel at once, largest first, each to the --to host with the most free
+    memory capacity ((physical - reserved) x this host's memory factor, less
+    its guests), never past it; then the host is in Maintenance. It always
+    waits for the drain. A guest that cannot move (or fits on no peer) leaves
+    the host in ErrorInPrepareForMaintenance, the others move all the same;
+    enter again to retry, or cancel.
 
     With a controller: asks it to prepare the host (it picks the destinations)
     and records its answer for the hook; --wait follows it to Maintenance,
     showing the guests still running here."""
     import kvmhook.host.maintenance
 
-    hosts = _hosts(source_uri)
+    if on_timeout == "postcopy" and guest_timeout is None:
+        raise click.UsageError("--on-timeout postcopy needs --guest-timeout: when to switch")
+    board = _board()
+    hosts = _hosts(source_uri, board)
+    options = kvmhook.host.maintenance.DrainOptions(
+        parallel=DEFAULT_PARALLEL if parallel is None else parallel,
+        guest_timeout=guest_timeout,
+        on_timeout=on_timeout,
+    )
     try:
         with kvmhook.host.maintenance.entering():
             controller = kvmhook.host.maintenance.load_controller()
             if controller is None:
                 moved = kvmhook.host.maintenance.enter_standalone(
-                    hosts, _peers(to), timeout, click.echo
+                    hosts, _peers(to), timeout, board.note, options
                 )
                 state = kvmhook.host.maintenance.MAINTENANCE
                 outcome = f"{state}: {len(moved)} guest(s) moved off this host"
             else:
                 if to is not None:
                     raise click.UsageError("--to is for a host without a controller")
+                if (parallel, guest_timeout, on_timeout) != (None, None, "abort"):
+                    raise click.UsageError(
+                        "--parallel, --guest-timeout and --on-timeout are for a host without"
+                        " a controller (the controller drains)"
+                    )
                 state = kvmhook.host.maintenance.enter_with_controller(
                     controller, hosts, wait, timeout, click.echo
                 )
@@ -147,13 +199,16 @@ def status(as_json: bool, source_uri: str) -> None:
     click.echo(f"removable  {found.advice()}")
 
 
-def _hosts(source_uri: str) -> Hosts:
-    import kvmhook.host.maintenance
+def _board() -> Board:
     import kvmhook.host.migrate
 
-    return kvmhook.host.maintenance.Hosts(
-        source_uri, kvmhook.host.migrate.Progress(sys.stdout, sys.stdout.isatty())
-    )
+    return kvmhook.host.migrate.Board(sys.stdout, sys.stdout.isatty())
+
+
+def _hosts(source_uri: str, board: Board | None = None) -> Hosts:
+    import kvmhook.host.maintenance
+
+    return kvmhook.host.maintenance.Hosts(source_uri, board or _board())
 
 
 def _peers(to: str | None) -> list[str]:

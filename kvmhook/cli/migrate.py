@@ -8,7 +8,14 @@ import time
 import click
 
 from kvmhook import events, exitcodes
-from kvmhook.cli.options import BANDWIDTH, SECONDS, connect_option, failure, with_exit_codes
+from kvmhook.cli.options import (
+    BANDWIDTH,
+    SECONDS,
+    connect_option,
+    failure,
+    on_timeout_option,
+    with_exit_codes,
+)
 from kvmhook.errors import KvmhookError, MigrationError
 
 
@@ -16,6 +23,8 @@ from kvmhook.errors import KvmhookError, MigrationError
     epilog=with_exit_codes(
         "kvmhook migrate",
         "Example: kvmhook migrate vm1 kvm2.example.org --bandwidth 500 --timeout 900",
+        "\b\nA guest that dirties memory faster than the link never converges:"
+        " kvmhook migrate vm1 kvm2.example.org --timeout 300 --on-timeout postcopy",
     )
 )
 @click.argument("domain")
@@ -35,8 +44,10 @@ from kvmhook.errors import KvmhookError, MigrationError
     "--timeout",
     type=SECONDS,
     metavar="S",
-    help=f"Abort the migration after S seconds ({SECONDS.span}); the guest stays on this host.",
+    help=f"Abort the migration after S seconds ({SECONDS.span}); the guest stays on this host"
+    " (see --on-timeout).",
 )
+@on_timeout_option("--timeout")
 @click.option(
     "--allow-insecure",
     is_flag=True,
@@ -49,6 +60,7 @@ def migrate(
     live: bool,
     bandwidth: int | None,
     timeout: int | None,
+    on_timeout: str,
     allow_insecure: bool,
     source_uri: str,
 ) -> None:
@@ -59,14 +71,25 @@ def migrate(
     # Imported here: loading libvirt-python costs every other command ~50 ms.
     import kvmhook.host.migrate
 
+    postcopy = on_timeout == kvmhook.host.migrate.POSTCOPY
+    if postcopy and timeout is None:
+        raise click.UsageError("--on-timeout postcopy needs --timeout: when to switch")
+    if postcopy and not live:
+        raise click.UsageError("--on-timeout postcopy is for a live migration, not --offline")
     try:
-        plan = kvmhook.host.migrate.make_plan(dest_host, live, bandwidth, allow_insecure)
+        plan = kvmhook.host.migrate.make_plan(dest_host, live, bandwidth, allow_insecure, postcopy)
     except MigrationError as error:
         raise click.BadParameter(str(error), param_hint="DEST_HOST") from None
     if not plan.secure:
         click.echo(kvmhook.host.migrate.INSECURE_WARNING, err=True)
     began = time.monotonic()
-    events.emit("migration.start", guest=domain, host=dest_host, encrypted=plan.secure)
+    events.emit(
+        "migration.start",
+        guest=domain,
+        host=dest_host,
+        encrypted=plan.secure,
+        on_timeout=on_timeout,
+    )
     try:
         kvmhook.host.migrate.migrate(
             domain,

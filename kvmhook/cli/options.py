@@ -53,13 +53,37 @@ DAYS = Bounded(1, limits.MAX_DAYS)
 DAYS_FROM_0 = Bounded(0, limits.MAX_DAYS)
 SECONDS = Bounded(1, limits.MAX_SECONDS)
 BANDWIDTH = Bounded(1, limits.MAX_BANDWIDTH)
+PARALLEL = Bounded(1, limits.MAX_PARALLEL)
+
+# --on-timeout, for `kvmhook migrate` and the drain (kvmhook.host.migrate.ABORT, POSTCOPY).
+ON_TIMEOUT = ("abort", "postcopy")
+
+
+def on_timeout_option(timeout_flag: str) -> Any:
+    """--on-timeout abort|postcopy: what a migration does when `timeout_flag` is reached."""
+    return click.option(
+        "--on-timeout",
+        type=click.Choice(ON_TIMEOUT),
+        default="abort",
+        show_default=True,
+        help=f"At {timeout_flag}: abort the migration (the guest stays here), or switch it to"
+        " post-copy (it then finishes on the destination; a network failure during post-copy"
+        f" loses the guest). postcopy needs {timeout_flag}.",
+    )
 
 
 def with_exit_codes(command: str, *paragraphs: str) -> str:
     """A --help epilog: `paragraphs`, then `command`'s rows of kvmhook.exitcodes.TABLE."""
     rows = ["\b", "Exit codes:"]
     for code, meaning in sorted(exitcodes.TABLE[command].items()):
-        rows += textwrap.wrap(meaning, 76, initial_indent=f"  {code}  ", subsequent_indent="     ")
+        # Not at hyphens: "post-copy" split over two lines would read "post- copy".
+        rows += textwrap.wrap(
+            meaning,
+            76,
+            initial_indent=f"  {code}  ",
+            subsequent_indent="     ",
+            break_on_hyphens=False,
+        )
     return "\n\n".join([*paragraphs, "\n".join(rows)])
 
 

@@ -3,9 +3,11 @@
 The states are CloudStack's resource states; kvmhook.host.hoststate keeps the
 current one where the hook reads it. Without a controller (standalone), `enter`
 drains the host itself: PrepareForMaintenance first, so that the hook refuses
-arriving guests at once, then each running guest is live-migrated over TLS
-(kvmhook.host.migrate's plan, as `kvmhook migrate`) to the named peer with the most
-free memory, then Maintenance. With a controller, the controller decides and
+arriving guests at once, then the running guests are live-migrated over TLS
+(kvmhook.host.migrate's plan, as `kvmhook migrate`), up to --parallel at once,
+largest first, each to the named peer with the most free memory capacity
+(this host's factor and reserved memory applied to the peer's physical
+memory, less its guests), then Maintenance. With a controller, the controller decides and
 drains: this module asks it, waits, and records what it says in the state file
 so that the hook enforces the controller's state as well.
 """
@@ -13,8 +15,10 @@ so that the hook enforces the controller's state as well.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -28,11 +32,12 @@ from kvmhook.errors import (
     MaintenanceError,
     MaintenanceFailedError,
     MigrationAbortedError,
+    MigrationTimedOutError,
     PeersRequiredError,
     StateFileError,
     VirtError,
 )
-from kvmhook.host import hoststate, migrate, virt
+from kvmhook.host import hoststate, migrate, overprovision, virt
 from kvmhook.host.hoststate import (
     ENABLED,
     ERROR_IN_MAINTENANCE,
@@ -118,36 +123,59 @@ def _record(state: str, reason: str = "") -> None:
 
 
 class Hosts:
-    """The guests running here, the peers' free memory, and migrations from here to them.
+    """The guests running here, the peers' memory and guests, and migrations from here to them.
 
     Through kvmhook.host.virt and kvmhook.host.migrate; tests hand in a fake.
     """
 
-    def __init__(self, uri: str, progress: migrate.Progress) -> None:
+    def __init__(self, uri: str, board: migrate.Board) -> None:
         self.uri = uri
-        self._progress = progress
+        self._board = board
 
     def running_guests(self) -> list[virt.GuestSize]:
         return virt.running_guests(self.uri)
 
-    def free_memory(self, peer: str) -> int:
-        """The peer's free memory, asked over the qemu+tls connection a migration would use."""
-        return virt.free_memory(migrate.make_plan(peer).dest_uri)
+    def peer_memory(self, peer: str) -> tuple[int, list[virt.GuestSize]]:
+        """The peer's physical memory (bytes) and the guests running there, asked over a
+        read-only connection to the qemu+tls URI a migration would use (the node's memory
+        stats, listAllDomains and each guest's maximum memory)."""
+        return virt.host_memory(migrate.make_plan(peer).dest_uri)
 
-    def migrate(self, guest: str, peer: str, timeout: float | None) -> None:
-        """Live-migrate `guest` to `peer` exactly as `kvmhook migrate GUEST PEER` does."""
+    def migrate(
+        self,
+        guest: str,
+        peer: str,
+        timeout: float | None,
+        guest_timeout: float | None = None,
+        on_timeout: str = migrate.ABORT,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Live-migrate `guest` to `peer` exactly as `kvmhook migrate GUEST PEER --timeout
+        GUEST_TIMEOUT --on-timeout ON_TIMEOUT` does; aborted after `timeout` s (what is left of
+        the drain's --timeout) or when `stop` is set, unless switched to post-copy."""
         migrate.migrate(
             guest,
-            migrate.make_plan(peer),
-            self._progress,
+            migrate.make_plan(peer, postcopy=on_timeout == migrate.POSTCOPY),
+            self._board.line(guest, peer),
             source_uri=self.uri,
-            timeout=timeout,
+            timeout=guest_timeout,
             local_check=migrate.local_tls_problem,
             dest_check=migrate.dest_tls_problem,
+            limits=migrate.Limits(hard_timeout=timeout, stop=stop),
         )
 
 
 # --- standalone: this host drains itself --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DrainOptions:
+    """How a standalone drain moves guests: up to `parallel` at once; each migration's own
+    timeout and what happens at it (kvmhook migrate's --timeout and --on-timeout)."""
+
+    parallel: int = 1
+    guest_timeout: float | None = None
+    on_timeout: str = migrate.ABORT
 
 
 def parse_peers(text: str | None) -> list[str]:
@@ -161,16 +189,22 @@ def parse_peers(text: str | None) -> list[str]:
 
 
 def enter_standalone(
-    hosts: Hosts, peers: Sequence[str], timeout: float | None, report: Report
+    hosts: Hosts,
+    peers: Sequence[str],
+    timeout: float | None,
+    report: Report,
+    options: DrainOptions = DrainOptions(),
 ) -> list[str]:
     """Move every running guest to `peers` and put the host in Maintenance; returns the
     guests moved.
 
-    Nothing changes when the move is illegal (IllegalTransitionError) or when
-    guests run and no peer is named (PeersRequiredError). A guest that cannot
-    move leaves the host in ErrorInPrepareForMaintenance, the reason naming it
-    (MaintenanceFailedError; MaintenanceAbortedError when the time ran out or
-    a migration was interrupted).
+    Nothing changes when the move is illegal (IllegalTransitionError), when
+    guests run and no peer is named (PeersRequiredError), or when this host's
+    memory factor or reserved memory cannot be read (ConfigError). A guest that
+    cannot move (its migration fails or reaches --guest-timeout, or it fits on
+    no peer) leaves the host in ErrorInPrepareForMaintenance, the reason naming
+    it (MaintenanceFailedError; MaintenanceAbortedError when the drain's time
+    ran out or it was interrupted); the other guests move all the same.
     """
     check(PREPARE)
     guests = hosts.running_guests()
@@ -179,10 +213,11 @@ def enter_standalone(
         raise PeersRequiredError(
             f"guests are running here ({names}): name the hosts to move them to with --to"
         )
+    sizing = _local_sizing() if guests else (1.0, 0)
     deadline = None if timeout is None else time.monotonic() + timeout
     move(PREPARE)  # from now on the hook refuses arriving guests
     try:
-        drained = _drain(hosts, peers, deadline, report)
+        drained = _Drain(hosts, options, deadline, report).run(peers, sizing)
         left = hosts.running_guests()
     except (KvmhookError, KeyboardInterrupt) as error:
         _give_up(f"the drain stopped: {str(error) or 'interrupted'}")
@@ -191,6 +226,16 @@ def enter_standalone(
         raise _left_behind(drained, left)
     move(MAINTENANCE)
     return drained.moved
+
+
+def _local_sizing() -> tuple[float, int]:
+    """This host's memory factor and reserved memory (bytes), as `kvmhook capacity` reads
+    them without a controller: the peers' are taken to be the same (CloudStack sets factors
+    per cluster). ConfigError for a broken kvmhook.conf or agent.properties."""
+    from kvmhook.host import capacity
+
+    factors = capacity.choose_factors(None, None, lambda: None)
+    return factors.memory.value, factors.reserved
 
 
 @dataclass
@@ -202,77 +247,187 @@ class _Drained:
     aborted: bool = False  # the time ran out or a migration was interrupted: the rest waited
 
 
-def _drain(hosts: Hosts, peers: Sequence[str], deadline: float | None, report: Report) -> _Drained:
-    free, unreachable = _free_memory(hosts, peers, report)
-    drained = _Drained()
-    for guest in hosts.running_guests():
-        _stop_if_cancelled()
-        drained.aborted = drained.aborted or _remaining(deadline) == 0
-        if drained.aborted:
-            drained.failed[guest.name] = "not attempted: --timeout reached or interrupted"
-        elif not free:
-            drained.failed[guest.name] = f"no peer can take it ({'; '.join(unreachable)})"
-        else:
-            _move_guest(hosts, guest, free, deadline, drained, report)
-    _stop_if_cancelled()
-    return drained
+@dataclass
+class _Peer:
+    """A peer's memory capacity, (physical - reserved) x factor, and what takes it: the guests
+    running there when the drain began and those the drain sent (booked at once, since a
+    guest arriving there is listed late and fills its memory slowly), by name."""
+
+    name: str
+    capacity: int
+    used: dict[str, int]
+
+    @property
+    def free(self) -> int:
+        return self.capacity - sum(self.used.values())
 
 
-def _free_memory(
-    hosts: Hosts, peers: Sequence[str], report: Report
-) -> tuple[dict[str, int], list[str]]:
-    """Each peer's free memory, asked once: the drain books what it sends to each peer
-    itself, since a peer's figure lags behind (a new guest touches its memory slowly).
-    Peers that cannot be asked are left out; the second item says why each was."""
-    free: dict[str, int] = {}
+@dataclass
+class _Flight:
+    guest: virt.GuestSize
+    peer: str
+    began: float
+
+
+class _Drain:
+    """Up to `options.parallel` migrations at once, largest guest first, each to the peer with
+    the most free capacity when it is sent, never past a peer's capacity."""
+
+    def __init__(
+        self, hosts: Hosts, options: DrainOptions, deadline: float | None, report: Report
+    ) -> None:
+        self.hosts = hosts
+        self.options = options
+        self.deadline = deadline
+        self.report = report
+        self.drained = _Drained()
+        self.stop = threading.Event()  # set: migrations under way abort (Ctrl-C)
+        self.flights: dict[futures.Future[None], _Flight] = {}
+        self.crash: BaseException | None = None  # not a KvmhookError: raised at the end
+        self.cancelled = False
+
+    def run(self, peers: Sequence[str], sizing: tuple[float, int]) -> _Drained:
+        room, unreachable = _peers(self.hosts, peers, sizing, self.report)
+        queue = sorted(self.hosts.running_guests(), key=lambda guest: (-guest.memory, guest.name))
+        with futures.ThreadPoolExecutor(max_workers=self.options.parallel) as pool:
+            while queue or self.flights:
+                try:
+                    self._send(pool, queue, room, unreachable)
+                    if not self.flights:
+                        if self._stopping():
+                            break
+                        continue
+                    done, _ = futures.wait(self.flights, return_when=futures.FIRST_COMPLETED)
+                    for job in done:
+                        self._landed(job, self.flights.pop(job), room)
+                except KeyboardInterrupt:
+                    # Ctrl-C: the migrations under way abort (stop), the rest wait.
+                    self.drained.aborted = True
+                    self.stop.set()
+        for guest in queue:
+            self.drained.failed[guest.name] = "not attempted: --timeout reached or interrupted"
+        if self.crash is not None:
+            raise self.crash
+        _stop_if_cancelled()  # a cancel stopped the sending: DrainCancelledError
+        return self.drained
+
+    def _stopping(self) -> bool:
+        return self.drained.aborted or self.cancelled or self.crash is not None
+
+    def _send(
+        self,
+        pool: futures.ThreadPoolExecutor,
+        queue: list[virt.GuestSize],
+        room: dict[str, _Peer],
+        unreachable: list[str],
+    ) -> None:
+        """Start migrations from the head of `queue` while fewer than `parallel` run."""
+        while queue and len(self.flights) < self.options.parallel and not self._stopping():
+            if hoststate.read()[0] != PREPARE:
+                self.cancelled = True  # cancel: no more guests are sent
+                return
+            if _remaining(self.deadline) == 0:
+                self.drained.aborted = True
+                return
+            guest = queue[0]
+            peer = _place(guest, room)
+            if peer is None:
+                if self.flights:
+                    return  # one under way may fail and give its room back: wait for it
+                queue.pop(0)
+                self._stays(guest, None, _fits_nowhere(guest, room, unreachable), 0.0)
+                continue
+            queue.pop(0)
+            free = room[peer].free
+            room[peer].used[guest.name] = guest.memory
+            self.report(f"moving {guest.name} ({_mib(guest.memory)}) to {peer} ({_mib(free)} free)")
+            job = pool.submit(
+                self.hosts.migrate,
+                guest.name,
+                peer,
+                _remaining(self.deadline),
+                guest_timeout=self.options.guest_timeout,
+                on_timeout=self.options.on_timeout,
+                stop=self.stop,
+            )
+            self.flights[job] = _Flight(guest, peer, time.monotonic())
+
+    def _landed(self, job: futures.Future[None], flight: _Flight, room: dict[str, _Peer]) -> None:
+        """A migration ended: the guest moved, or it stays (its room given back)."""
+        guest, peer = flight.guest, flight.peer
+        took = round(time.monotonic() - flight.began, 3)
+        error = job.exception()
+        if error is None:
+            self.drained.moved.append(guest.name)
+            self.report(f"moved {guest.name} to {peer}")
+            events.emit(
+                "maintenance.guest_moved",
+                guest=guest.name,
+                host=peer,
+                memory_bytes=guest.memory,
+                duration_s=took,
+            )
+            return
+        room[peer].used.pop(guest.name, None)
+        if not isinstance(error, KvmhookError):
+            # Not a migration's failure (a bug, Ctrl-C in a fake): the others abort, then it
+            # is raised.
+            self.crash = self.crash or error
+            self.stop.set()
+            return
+        # The drain's time out or Ctrl-C (not --guest-timeout): the guests after it wait.
+        if isinstance(error, MigrationAbortedError) and not isinstance(
+            error, MigrationTimedOutError
+        ):
+            self.drained.aborted = True
+        self._stays(guest, peer, str(error), took)
+
+    def _stays(self, guest: virt.GuestSize, peer: str | None, why: str, took: float) -> None:
+        self.drained.failed[guest.name] = why
+        self.report(f"{guest.name} stays: {why}")
+        events.emit(
+            "maintenance.guest_stays", guest=guest.name, host=peer, error=why, duration_s=took
+        )
+
+
+def _peers(
+    hosts: Hosts, peers: Sequence[str], sizing: tuple[float, int], report: Report
+) -> tuple[dict[str, _Peer], list[str]]:
+    """Each peer's capacity and the guests running there, asked once (in --to order). Peers
+    that cannot be asked are left out; the second item says why each was."""
+    factor, reserved = sizing
+    room: dict[str, _Peer] = {}
     unreachable: list[str] = []
     for peer in peers:
         try:
-            free[peer] = hosts.free_memory(peer)
+            physical, guests = hosts.peer_memory(peer)
         except VirtError as error:
             unreachable.append(f"{peer}: {error}")
             report(f"skipping {peer}: {error}")
-    return free, unreachable
-
-
-def _move_guest(
-    hosts: Hosts,
-    guest: virt.GuestSize,
-    free: dict[str, int],
-    deadline: float | None,
-    drained: _Drained,
-    report: Report,
-) -> None:
-    peer = max(free, key=free.__getitem__)  # on a tie, the first one named in --to
-    report(f"moving {guest.name} ({_mib(guest.memory)}) to {peer} ({_mib(free[peer])} free)")
-    began = time.monotonic()
-    try:
-        hosts.migrate(guest.name, peer, _remaining(deadline))
-    except KvmhookError as error:
-        drained.failed[guest.name] = str(error)
-        # Time out or Ctrl-C: the guests after this one wait for the next enter.
-        drained.aborted = isinstance(error, MigrationAbortedError)
-        report(f"{guest.name} stays: {error}")
-        took = round(time.monotonic() - began, 3)
-        events.emit(
-            "maintenance.guest_stays",
-            guest=guest.name,
-            host=peer,
-            error=str(error),
-            duration_s=took,
+            continue
+        used = {guest.name: guest.memory for guest in guests}
+        capacity = overprovision.Resource(physical, factor, 0, whole=True, reserved=reserved)
+        room[peer] = _Peer(peer, int(capacity.capacity), used)
+        report(
+            f"{peer}: {_mib(room[peer].free)} free of {_mib(room[peer].capacity)}"
+            f" (({_mib(physical)} - {_mib(reserved)} reserved) x {factor:g},"
+            f" {len(used)} guest(s) there)"
         )
-        return
-    free[peer] -= guest.memory
-    drained.moved.append(guest.name)
-    report(f"moved {guest.name} to {peer}")
-    took = round(time.monotonic() - began, 3)
-    events.emit(
-        "maintenance.guest_moved",
-        guest=guest.name,
-        host=peer,
-        memory_bytes=guest.memory,
-        duration_s=took,
-    )
+    return room, unreachable
+
+
+def _place(guest: virt.GuestSize, room: dict[str, _Peer]) -> str | None:
+    """The peer with the most free capacity that `guest` fits in (on a tie, the first named
+    in --to), or None."""
+    fitting = [peer for peer in room.values() if peer.free >= guest.memory]
+    return max(fitting, key=lambda peer: peer.free).name if fitting else None
+
+
+def _fits_nowhere(guest: virt.GuestSize, room: dict[str, _Peer], unreachable: list[str]) -> str:
+    if not room:
+        return f"no peer can take it ({'; '.join(unreachable)})"
+    frees = ", ".join(f"{peer.name} {_mib(peer.free)}" for peer in room.values())
+    return f"fits on no peer: it needs {_mib(guest.memory)}, free capacity: {frees}"
 
 
 def _remaining(deadline: float | None) -> float | None:

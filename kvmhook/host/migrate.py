@@ -11,17 +11,35 @@ depend on the machine or user running this command.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Optional, TextIO
 
+from kvmhook import events
 from kvmhook.certs import tls
-from kvmhook.errors import MigrationAbortedError, MigrationError, NotSecuredError, VirtError
+from kvmhook.errors import (
+    MigrationAbortedError,
+    MigrationError,
+    MigrationTimedOutError,
+    NotSecuredError,
+    VirtError,
+)
 from kvmhook.host import virt
 
 POLL_SECONDS = 0.5
+# --on-timeout: what a migration does when its --timeout (the drain's --guest-timeout) is
+# reached: abort it (the guest stays here), or switch it to post-copy (it finishes there).
+ABORT = "abort"
+POSTCOPY = "postcopy"
+ON_TIMEOUT = (ABORT, POSTCOPY)
+POSTCOPY_RISK = (
+    "post-copy: the guest now runs on the destination while its memory is still being"
+    " fetched from this host; if the network between them fails before it ends, the guest"
+    " is lost"
+)
 PLAIN_EVERY_SECONDS = 5.0
 INSECURE_WARNING = (
     "WARNING: --allow-insecure: migrating over qemu+tcp without TLS. The guest's memory"
@@ -47,31 +65,43 @@ class Plan:
     params: dict[str, int]
     live: bool
     secure: bool
+    postcopy: bool = False  # may switch to post-copy (--on-timeout postcopy)
 
 
 def make_plan(
-    dest_host: str, live: bool = True, bandwidth: int | None = None, allow_insecure: bool = False
+    dest_host: str,
+    live: bool = True,
+    bandwidth: int | None = None,
+    allow_insecure: bool = False,
+    postcopy: bool = False,
 ) -> Plan:
-    """The migration to `dest_host`; `bandwidth` in MiB/s. Raises MigrationError for a bad host."""
+    """The migration to `dest_host`; `bandwidth` in MiB/s; `postcopy`: started so that it
+    can switch to post-copy. Raises MigrationError for a bad host, or post-copy offline."""
     host = _uri_host(dest_host)
+    if postcopy and not live:
+        raise MigrationError("post-copy is for a live migration, not --offline")
     scheme = "qemu+tcp" if allow_insecure else "qemu+tls"
     return Plan(
         dest_host=dest_host,
         dest_uri=f"{scheme}://{host}/system",
-        flags=flags(live, secure=not allow_insecure),
+        flags=flags(live, secure=not allow_insecure, postcopy=postcopy),
         params={} if bandwidth is None else {virt.PARAM_BANDWIDTH: bandwidth},
         live=live,
         secure=not allow_insecure,
+        postcopy=postcopy,
     )
 
 
-def flags(live: bool, secure: bool) -> int:
-    """libvirt's migration flags: live (or offline) and, when `secure`, QEMU's stream over TLS."""
+def flags(live: bool, secure: bool, postcopy: bool = False) -> int:
+    """libvirt's migration flags: live (or offline) and, when `secure`, QEMU's stream over TLS;
+    `postcopy` adds VIR_MIGRATE_POSTCOPY (the switch itself is migrateStartPostCopy)."""
     # Peer to peer is what makes migrateToURI3 take a libvirt URI for the destination.
     common = virt.MIGRATE_PEER2PEER | virt.MIGRATE_PERSIST_DEST | virt.MIGRATE_UNDEFINE_SOURCE
-    # A shut-off guest has no memory to send, so nothing to converge.
+    # A shut-off guest has no memory to send, so nothing to converge. Auto-converge stays on
+    # with post-copy: it throttles the guest until the switch, which may then never be needed.
     mode = virt.MIGRATE_LIVE | virt.MIGRATE_AUTO_CONVERGE if live else virt.MIGRATE_OFFLINE
-    return common | mode | (virt.MIGRATE_TLS if secure else 0)
+    extra = virt.MIGRATE_POSTCOPY if postcopy and live else 0
+    return common | mode | extra | (virt.MIGRATE_TLS if secure else 0)
 
 
 def _uri_host(host: str) -> str:
@@ -91,14 +121,16 @@ def migrate(
     timeout: float | None,
     local_check: LocalCheck,
     dest_check: DestinationCheck,
+    limits: Limits | None = None,
 ) -> None:
-    """Migrate the guest `name` from `source_uri` as planned, refusing insecure ends first."""
+    """Migrate the guest `name` from `source_uri` as planned, refusing insecure ends first;
+    at `timeout` it is aborted, or switched to post-copy when the plan allows it (see run)."""
     with virt.connect(source_uri) as conn:
         guest = virt.lookup(conn, name)
         check_state(guest, plan)
         if plan.secure:
             refuse_unless_secured(plan, local_check, dest_check)
-        run(guest, plan, progress, timeout)
+        run(guest, plan, progress, timeout, limits=limits)
     persist_live_bridges(name, plan.dest_uri, progress)
 
 
@@ -169,47 +201,137 @@ def dest_tls_problem(dest_uri: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What bounds a migration besides its own timeout (the drain's): `hard_timeout`
+    seconds after which it is aborted whatever --on-timeout says (the drain's --timeout),
+    and `stop`, an event that aborts it when set (the drain interrupted)."""
+
+    hard_timeout: float | None = None
+    stop: threading.Event | None = None
+
+
 def run(
     guest: virt.Guest,
     plan: Plan,
     progress: Progress,
     timeout: float | None,
     poll: float = POLL_SECONDS,
+    limits: Limits | None = None,
 ) -> None:
-    """Migrate `guest` as planned, showing progress; abort after `timeout` s or on Ctrl-C."""
+    """Migrate `guest` as planned, showing progress.
+
+    At `timeout` s the job is aborted (MigrationTimedOutError) or, for a plan
+    made with `postcopy`, switched to post-copy with migrateStartPostCopy and
+    waited for until it ends. Ctrl-C (or `limits.stop`) and `limits.hard_timeout`
+    abort it (MigrationAbortedError) while it is still pre-copy; once switched,
+    nothing can abort it: the guest already runs on the destination.
+    """
+    limits = limits or Limits()
     # migrateToURI3 blocks until the end: it runs in a worker while this thread
     # reads the job's progress and keeps the power to abort it.
     with futures.ThreadPoolExecutor(max_workers=1) as pool:
         job = pool.submit(guest.migrate, plan.dest_uri, plan.params, plan.flags)
-        reason = _watch(job, guest, progress, timeout, poll)
+        watch = _Watch(job, guest, plan, progress, timeout, limits)
+        reason = watch.wait(poll)
         if reason is not None:
-            _abort(job, guest, plan, reason)
-        job.result()
+            _abort(job, guest, plan, reason, timed_out=watch.own_timeout)
+        try:
+            job.result()
+        except VirtError as error:
+            if watch.switched:
+                raise VirtError(
+                    f"{error}; it had switched to post-copy: check where {guest.name} runs"
+                    " (virsh list on both hosts), it may be paused or lost"
+                ) from None
+            raise
 
 
-def _watch(
-    job: futures.Future[None],
-    guest: virt.Guest,
-    progress: Progress,
-    timeout: float | None,
-    poll: float,
-) -> str | None:
-    """Wait for the job while showing progress; the reason to abort it, or None once it ended."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while not futures.wait([job], timeout=poll).done:
-            if deadline is not None and time.monotonic() >= deadline:
-                return f"timed out after {timeout:g} s"
-            progress.update(guest.progress())
-    except KeyboardInterrupt:
-        return "interrupted"
-    finally:
-        progress.finish()
-    return None
+class _Watch:
+    """Waits for a migration job, showing its progress; decides when to abort or switch."""
+
+    def __init__(
+        self,
+        job: futures.Future[None],
+        guest: virt.Guest,
+        plan: Plan,
+        progress: Progress,
+        timeout: float | None,
+        limits: Limits,
+    ) -> None:
+        self.job, self.guest, self.plan, self.progress = job, guest, plan, progress
+        self.timeout, self.limits = timeout, limits
+        began = time.monotonic()
+        self.switch_at = None if timeout is None else began + timeout
+        hard = limits.hard_timeout
+        self.hard_at = None if hard is None else began + hard
+        self.timed_out = "" if timeout is None else f"timed out after {timeout:g} s"
+        self.hard_out = "" if hard is None else f"timed out after {hard:g} s"
+        self.switched = False
+        self.own_timeout = False  # the reason to abort is `timeout`, not the drain's limits
+        self._switch_error = ""
+
+    def wait(self, poll: float) -> str | None:
+        """The reason to abort the job, or None once it ended."""
+        try:
+            while True:
+                try:
+                    if futures.wait([self.job], timeout=poll).done:
+                        return None
+                    reason = self._check()
+                    if reason is not None:
+                        return reason
+                    self.progress.update(self.guest.progress())
+                except KeyboardInterrupt:
+                    if not self.switched:
+                        return "interrupted"
+                    self.progress.note(
+                        f"{self.guest.name}: in post-copy, which cannot be interrupted:"
+                        " waiting for it to end"
+                    )
+        finally:
+            self.progress.finish()
+
+    def _check(self) -> str | None:
+        if self.switched:
+            return None
+        now = time.monotonic()
+        if self.limits.stop is not None and self.limits.stop.is_set():
+            return "interrupted"
+        if self.hard_at is not None and now >= self.hard_at:
+            return self.hard_out
+        if self.switch_at is None or now < self.switch_at:
+            return None
+        if not self.plan.postcopy:
+            self.own_timeout = True
+            return self.timed_out
+        self._switch()
+        return None
+
+    def _switch(self) -> None:
+        """migrateStartPostCopy; refused (the job not yet under way) it is tried at each poll."""
+        try:
+            self.guest.start_postcopy()
+        except VirtError as error:
+            if str(error) != self._switch_error:
+                self._switch_error = str(error)
+                self.progress.note(f"{error}: trying again")
+            return
+        self.switched = True
+        events.emit(
+            "migration.postcopy",
+            guest=self.guest.name,
+            host=self.plan.dest_host,
+            after_s=self.timeout,
+        )
+        self.progress.note(f"{self.guest.name}: {self.timed_out}, switched to {POSTCOPY_RISK}")
 
 
-def _abort(job: futures.Future[None], guest: virt.Guest, plan: Plan, reason: str) -> None:
-    """Abort the job and wait for it; raise MigrationAbortedError unless it had succeeded anyway."""
+def _abort(
+    job: futures.Future[None], guest: virt.Guest, plan: Plan, reason: str, timed_out: bool
+) -> None:
+    """Abort the job and wait for it; raise MigrationAbortedError (MigrationTimedOutError for
+    the migration's own timeout) unless it had succeeded anyway."""
     try:
         guest.abort()
     except VirtError:
@@ -218,9 +340,8 @@ def _abort(job: futures.Future[None], guest: virt.Guest, plan: Plan, reason: str
     if error is None:
         return
     where = "keeps running on this host" if plan.live else "stays defined on this host"
-    raise MigrationAbortedError(
-        f"migration of {guest.name} {reason}: aborted, the guest {where} ({error})"
-    )
+    kind = MigrationTimedOutError if timed_out else MigrationAbortedError
+    raise kind(f"migration of {guest.name} {reason}: aborted, the guest {where} ({error})")
 
 
 def _redefine_with_live_bridges(
@@ -276,6 +397,93 @@ class Progress:
             self._stream.write("\n")
             self._stream.flush()
             self._bar_shown = False
+
+
+class Board:
+    """The progress of several migrations at once (a parallel drain), and the lines said
+    around them: on a terminal one line per guest in flight, redrawn in place below the
+    lines already said; otherwise plain lines (`progress: GUEST: ...` every few seconds
+    per guest). Thread-safe: each migration updates its own line from its own thread."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        tty: bool,
+        every: float = PLAIN_EVERY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._tty = tty
+        self._every = every
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rows: dict[str, str] = {}  # guest -> its line, in the order they were sent
+        self._last_line: dict[str, float] = {}
+        self._drawn = 0  # lines of the table on the terminal, the cursor below them
+
+    def line(self, guest: str, peer: str) -> Progress:
+        """The progress of `guest`'s migration to `peer`: its line until it finishes."""
+        with self._lock:
+            self._rows[guest] = f"{guest} -> {peer}: starting"
+            self._draw()
+        return _BoardLine(self, guest, peer)
+
+    def note(self, line: str) -> None:
+        """A line of its own, above the guests in flight."""
+        with self._lock:
+            self._draw([line])
+
+    def _update(self, guest: str, peer: str, job: virt.JobProgress) -> None:
+        with self._lock:
+            if self._tty:
+                if guest in self._rows:
+                    self._rows[guest] = f"{guest} -> {peer} {bar(job, 20)} {describe(job)}"
+                    self._draw()
+                return
+            last = self._last_line.get(guest)
+            if last is None or self._clock() - last >= self._every:
+                self._last_line[guest] = self._clock()
+                self._draw([f"progress: {guest}: {describe(job)}"])
+
+    def _remove(self, guest: str) -> None:
+        with self._lock:
+            if self._rows.pop(guest, None) is not None:
+                self._draw()
+
+    def _draw(self, lines: list[str] | None = None) -> None:
+        """Write `lines`; on a terminal, the table of guests in flight redrawn below them."""
+        if not self._tty:
+            self._stream.write("".join(f"{line}\n" for line in lines or ()))
+            self._stream.flush()
+            return
+        # Up to the table's first line (ESC[nF), each line cleared to its end (ESC[K), and
+        # whatever a longer table left below cleared (ESC[J).
+        text = f"\x1b[{self._drawn}F" if self._drawn else "\r"
+        rows = [*(lines or ()), *self._rows.values()]
+        text += "".join(f"{row}\x1b[K\n" for row in rows) + "\x1b[J"
+        self._stream.write(text)
+        self._stream.flush()
+        self._drawn = len(self._rows)
+
+
+class _BoardLine(Progress):
+    """One guest's line of a Board, with the calls kvmhook.host.migrate.run makes."""
+
+    def __init__(self, board: Board, guest: str, peer: str) -> None:
+        self._board = board
+        self._guest = guest
+        self._peer = peer
+
+    def update(self, job: virt.JobProgress | None) -> None:
+        if job is not None:
+            self._board._update(self._guest, self._peer, job)
+
+    def note(self, line: str) -> None:
+        self._board.note(line)
+
+    def finish(self) -> None:
+        """The migration ended: its line leaves the table."""
+        self._board._remove(self._guest)
 
 
 def describe(job: virt.JobProgress) -> str:

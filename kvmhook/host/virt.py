@@ -24,6 +24,7 @@ MIGRATE_PERSIST_DEST = libvirt.VIR_MIGRATE_PERSIST_DEST
 MIGRATE_UNDEFINE_SOURCE = libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 MIGRATE_TLS = libvirt.VIR_MIGRATE_TLS
 MIGRATE_AUTO_CONVERGE = libvirt.VIR_MIGRATE_AUTO_CONVERGE
+MIGRATE_POSTCOPY = libvirt.VIR_MIGRATE_POSTCOPY
 PARAM_BANDWIDTH = libvirt.VIR_MIGRATE_PARAM_BANDWIDTH  # MiB/s
 
 
@@ -144,6 +145,14 @@ class Guest:
         except libvirt.libvirtError as error:
             raise VirtError(f"cannot store the definition of {self.name}: {error}") from None
 
+    def start_postcopy(self) -> None:
+        """Switch the running migration (started with MIGRATE_POSTCOPY) to post-copy: the
+        guest runs on the destination from now on, its pages fetched as it touches them."""
+        try:
+            self._domain.migrateStartPostCopy(0)
+        except libvirt.libvirtError as error:
+            raise VirtError(f"cannot switch {self.name} to post-copy: {error}") from None
+
     def abort(self) -> None:
         """Abort the running job (the migration); the guest resumes on this host."""
         try:
@@ -169,11 +178,15 @@ class GuestSize:
 def running_guests(uri: str) -> list[GuestSize]:
     """The guests running on `uri`, sorted by name, read over a read-only connection."""
     with connect(uri, read_only=True) as conn:
-        try:
-            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        except libvirt.libvirtError as error:
-            raise VirtError(f"cannot list the guests on {uri}: {error}") from None
-        sizes = [size for size in map(guest_size, domains) if size is not None]
+        return _running(conn, uri)
+
+
+def _running(conn: libvirt.virConnect, uri: str) -> list[GuestSize]:
+    try:
+        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except libvirt.libvirtError as error:
+        raise VirtError(f"cannot list the guests on {uri}: {error}") from None
+    sizes = [size for size in map(guest_size, domains) if size is not None]
     return sorted(sizes, key=lambda size: size.name)
 
 
@@ -205,13 +218,24 @@ def has_balloon(xml: str | bytes) -> bool:
     return any(model.startswith("virtio") for model in models)
 
 
-def free_memory(uri: str) -> int:
-    """The free memory of the host behind `uri`, in bytes (libvirt's getFreeMemory), read-only."""
+def host_memory(uri: str) -> tuple[int, list[GuestSize]]:
+    """The physical memory (bytes) of the host behind `uri` and the guests running there,
+    over one read-only connection: what a drain needs to know of a peer's capacity."""
     with connect(uri, read_only=True) as conn:
-        try:
-            return conn.getFreeMemory()
-        except libvirt.libvirtError as error:
-            raise VirtError(f"cannot read the free memory of {uri}: {error}") from None
+        return _physical_memory(conn, uri), _running(conn, uri)
+
+
+def _physical_memory(conn: libvirt.virConnect, uri: str) -> int:
+    """The node's memory stats' `total` (MemTotal, what psutil reports for this host), else
+    getInfo's MiB for a driver without node memory stats (the test driver)."""
+    try:
+        return int(conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"]) * 1024
+    except (libvirt.libvirtError, KeyError):
+        pass
+    try:
+        return int(conn.getInfo()[1]) * 1024 * 1024
+    except libvirt.libvirtError as error:
+        raise VirtError(f"cannot read the memory of {uri}: {error}") from None
 
 
 # Where a guest interface names its tap device in the live definition.
