@@ -22,10 +22,11 @@ noisy neighbour slows them alike. Printed: medians, and
 
 Non-zero memory: a diskless guest with no kernel keeps its RAM all zero, and
 QEMU sends a zero page as a flag of a few bytes, so the figures would be
-meaningless. The guest instead boots a 100-byte multiboot kernel made below
-(QEMU's -kernel loads multiboot images itself): it fills RAM from 2 MiB to
-1 MiB below its end with xorshift32 output, writes a marker, and halts with
-interrupts off, so nothing dirties pages while it is migrated. The
+meaningless. The guest instead boots a 100-byte multiboot kernel
+(tests/e2e/fillguest.py; QEMU's -kernel loads multiboot images itself): it
+fills RAM from 2 MiB to 1 MiB below its end with xorshift32 output, writes a
+marker, and halts with interrupts off, so nothing dirties pages while it is
+migrated. The
 destination's `domjobinfo --completed` ("Normal data") shows the bytes that
 really crossed.
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import struct
 import sys
 import time
 from pathlib import Path
@@ -46,60 +46,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
+import fillguest  # noqa: E402
 import twohost  # noqa: E402
 
-MIB = 1024 * 1024
-FILL_START = 0x200000  # 2 MiB: above the kernel (loaded at 1 MiB)
-MARKER_ADDRESS = 0x1FF000  # below FILL_START, written when the fill is done
-MARKER = 0x600DF00D
+MIB = fillguest.MIB
 GUEST = twohost.GUEST_PREFIX + "bench"
-
-
-def fill_kernel(memory_mib: int) -> bytes:
-    """A multiboot (v1, a.out kludge) flat image: fill RAM with xorshift32, mark, halt."""
-    load = 0x100000
-    end = memory_mib * MIB - MIB  # leave the top MiB (ACPI tables) alone
-    entry = load + 32
-    code = b"".join(
-        [
-            b"\xfc",  # cld
-            b"\xbf" + struct.pack("<I", FILL_START),  # mov edi, FILL_START
-            b"\xb9" + struct.pack("<I", end),  # mov ecx, end
-            b"\xb8" + struct.pack("<I", 0x2545F491),  # mov eax, seed (non-zero)
-        ]
-    )
-    loop = b"".join(
-        [
-            b"\x89\xc2\xc1\xe2\x0d\x31\xd0",  # mov edx, eax; shl edx, 13; xor eax, edx
-            b"\x89\xc2\xc1\xea\x11\x31\xd0",  # mov edx, eax; shr edx, 17; xor eax, edx
-            b"\x89\xc2\xc1\xe2\x05\x31\xd0",  # mov edx, eax; shl edx, 5;  xor eax, edx
-            b"\xab",  # stosd
-            b"\x39\xcf",  # cmp edi, ecx
-        ]
-    )
-    loop += b"\x72" + struct.pack("<b", -(len(loop) + 2))  # jb loop
-    done = b"\xc7\x05" + struct.pack("<II", MARKER_ADDRESS, MARKER)  # mov [marker], MARKER
-    halt = b"\xfa\xf4\xeb\xfd"  # cli; hlt; jmp hlt
-    magic, flags = 0x1BADB002, 0x00010000  # a.out kludge: the addresses below are used
-    header = struct.pack(
-        "<8I", magic, flags, (-(magic + flags)) & 0xFFFFFFFF, load, load, 0, 0, entry
-    )
-    image = header + code + loop + done + halt
-    return image + bytes(4096 - len(image))  # padded: QEMU reads a 4 KiB header block
+fill_kernel = fillguest.fill_kernel
 
 
 def wait_for_fill(host: twohost.Host, timeout: float = 300) -> float:
     """Seconds until the guest on `host` has written its marker (its RAM is full)."""
-    began = time.monotonic()
-    while True:
-        said = host.virsh(
-            "qemu-monitor-command", GUEST, "--hmp", f"xp /1wx {MARKER_ADDRESS:#x}"
-        ).stdout
-        if f"{MARKER:#010x}" in said.lower():
-            return time.monotonic() - began
-        if time.monotonic() - began > timeout:
-            raise SystemExit(f"the guest did not fill its memory within {timeout} s: {said}")
-        time.sleep(0.2)
+    try:
+        return fillguest.wait_for_fill(host, GUEST, timeout)
+    except TimeoutError as error:
+        raise SystemExit(str(error)) from None
 
 
 def normal_bytes(host: twohost.Host) -> int:
