@@ -645,7 +645,7 @@ def test_board_on_a_terminal_shows_one_line_per_guest_in_flight():
     """Two guests in flight: two lines redrawn in place below the lines said; a guest's line
     goes when its migration ends."""
     stream = io.StringIO()
-    board = migration.Board(stream, tty=True)
+    board = migration.Board(stream, tty=True, columns=lambda: 120)
     one = board.line("vm1", "kvm2")
     two = board.line("vm2", "kvm3")
     one.update(virt.JobProgress(1 * 2**20, 3 * 2**20, 2**20))
@@ -664,6 +664,21 @@ def test_board_on_a_terminal_shows_one_line_per_guest_in_flight():
     assert frames[4] == "\x1b[2Fvm2 -> kvm3: starting\x1b[K\n"
     two.finish()
     assert stream.getvalue().endswith("\x1b[1F\x1b[J")
+
+
+def test_board_rows_are_cut_to_the_terminal_width():
+    """A row longer than the terminal would wrap and break the redraw: cut to width - 1;
+    the lines said above the table are kept whole."""
+    stream = io.StringIO()
+    board = migration.Board(stream, tty=True, columns=lambda: 30)
+    board.line("a-guest-with-a-very-long-name", "kvm2.example.org")
+    board.note("moving a-guest-with-a-very-long-name (1024 MiB) to kvm2.example.org")
+    frames = stream.getvalue().split("\x1b[J")
+    assert frames[0] == "\ra-guest-with-a-very-long-name\x1b[K\n"
+    assert frames[1] == (
+        "\x1b[1Fmoving a-guest-with-a-very-long-name (1024 MiB) to kvm2.example.org\x1b[K\n"
+        "a-guest-with-a-very-long-name\x1b[K\n"
+    )
 
 
 def test_board_without_a_terminal_prints_plain_lines():

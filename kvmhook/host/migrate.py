@@ -11,6 +11,7 @@ depend on the machine or user running this command.
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -411,11 +412,13 @@ class Board:
         tty: bool,
         every: float = PLAIN_EVERY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        columns: Callable[[], int] | None = None,
     ) -> None:
         self._stream = stream
         self._tty = tty
         self._every = every
         self._clock = clock
+        self._columns = columns or (lambda: shutil.get_terminal_size().columns)
         self._lock = threading.Lock()
         self._rows: dict[str, str] = {}  # guest -> its line, in the order they were sent
         self._last_line: dict[str, float] = {}
@@ -459,7 +462,10 @@ class Board:
         # Up to the table's first line (ESC[nF), each line cleared to its end (ESC[K), and
         # whatever a longer table left below cleared (ESC[J).
         text = f"\x1b[{self._drawn}F" if self._drawn else "\r"
-        rows = [*(lines or ()), *self._rows.values()]
+        # A table row that wrapped would take two lines and the redraw would climb too few:
+        # rows are cut to the terminal's width (the lines said above it are not redrawn).
+        width = max(self._columns() - 1, 20)
+        rows = [*(lines or ()), *(row[:width] for row in self._rows.values())]
         text += "".join(f"{row}\x1b[K\n" for row in rows) + "\x1b[J"
         self._stream.write(text)
         self._stream.flush()
