@@ -158,9 +158,8 @@ def test_a_bad_reserved_memory_exits_1_naming_where(small_host, uris, no_control
     agent_properties(root, f"host.reserved.mem.mb={value}\n")
     result = invoke("--mem-factor", "2")
     assert result.exit_code == 1
-    assert (
-        "host.reserved.mem.mb = " in result.output and "not a whole number of MiB" in result.output
-    )
+    assert "host.reserved.mem.mb = " in result.stderr
+    assert "not a whole number of MiB" in result.stderr
 
 
 def test_guide_example_cpu(small_host, uris, no_controller):
