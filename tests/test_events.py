@@ -95,3 +95,11 @@ def test_the_hook_never_imports_structlog(tmp_path):
         check=True,
     )
     assert "structlog" not in result.stderr.decode()
+
+
+def test_a_renewal_not_due_is_one_line_and_no_event(host):  # noqa: F811
+    """The daily timer's quiet run: its one `not due:` line, nothing on stderr."""
+    result = kvmhook(host.root, "cert", "renew", "--if-expiring-within", "1", "--signer", "false")
+    assert result.returncode == 0
+    assert result.stdout.startswith("not due: ") and len(result.stdout.splitlines()) == 1
+    assert result.stderr == ""

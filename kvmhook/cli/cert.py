@@ -336,7 +336,7 @@ def _noted(
     done: rotation.NotDue | rotation.DryRun | rotation.Renewed,
 ) -> rotation.NotDue | rotation.DryRun | rotation.Renewed:
     """`done`, recorded for the renewal metrics when it renewed (consoles or not), and as an
-    event."""
+    event. A renewal not due is no event: the daily timer's quiet run stays one line."""
     from kvmhook.certs import rotation
 
     if isinstance(done, rotation.Renewed):
@@ -350,8 +350,6 @@ def _noted(
             consoles_reloaded=len(done.consoles.reloaded),
             consoles_stale=sorted(done.consoles.failed),
         )
-    elif isinstance(done, rotation.NotDue):
-        events.emit("certificate.not_due", serial=pki.serial(done.current), within_days=done.days)
     return done
 
 
