@@ -14,9 +14,8 @@ after a warm-up round), so a noisy neighbour slows them alike. Printed: the
 median drain time per value and its ratio to --parallel 1 (the goal: 2 at
 most 0.7x of 1).
 
-Each host gets a /var/lib/kvmhook of its own (the maintenance state),
-bind-mounted in its mount namespace, as tests/e2e/test_maintenance_mode.py
-does. Root only (namespaces, libvirtd). Uses the interpreter running this
+Each host has a /var/lib/kvmhook of its own (the maintenance state): the
+harness makes it private. Root only (namespaces, libvirtd). Uses the interpreter running this
 script, which must import kvmhook (the project installed editable).
 """
 
@@ -36,7 +35,6 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 import fillguest  # noqa: E402
 import twohost  # noqa: E402
 
-STATE_DIR = Path("/var/lib/kvmhook")
 PARALLEL = (1, 2, 4)
 
 
@@ -94,26 +92,16 @@ def main() -> int:
     if reason:
         sys.stderr.write(f"drain benchmark: {reason}\n")
         return 2
-    made = not STATE_DIR.exists()
-    STATE_DIR.mkdir(exist_ok=True)  # the mount point; each host mounts its own over it
-    try:
-        with twohost.TwoHosts() as pair:
-            for host in pair.hosts:
-                private = host.workdir / "var-lib-kvmhook"
-                private.mkdir()
-                host.run("mount", "--bind", str(private), str(STATE_DIR))
-            kernel = pair.root / "fill.kernel"
-            kernel.write_bytes(fillguest.fill_kernel(args.memory_mib))
-            guests = [f"{twohost.GUEST_PREFIX}drain{index}" for index in range(args.guests)]
-            for name in guests:
-                pair.a.define_guest(name, twohost.guest_xml(name, args.memory_mib, kernel))
-                pair.a.virsh("start", name)
-            for name in guests:
-                fillguest.wait_for_fill(pair.a, name)
-            seconds = measure(Drains(pair, guests), args.runs)
-    finally:
-        if made and STATE_DIR.exists() and not os.listdir(STATE_DIR):
-            STATE_DIR.rmdir()
+    with twohost.TwoHosts() as pair:  # each host has a /var/lib/kvmhook of its own
+        kernel = pair.root / "fill.kernel"
+        kernel.write_bytes(fillguest.fill_kernel(args.memory_mib))
+        guests = [f"{twohost.GUEST_PREFIX}drain{index}" for index in range(args.guests)]
+        for name in guests:
+            pair.a.define_guest(name, twohost.guest_xml(name, args.memory_mib, kernel))
+            pair.a.virsh("start", name)
+        for name in guests:
+            fillguest.wait_for_fill(pair.a, name)
+        seconds = measure(Drains(pair, guests), args.runs)
     medians = {parallel: statistics.median(seconds[parallel]) for parallel in PARALLEL}
     ratios = {parallel: medians[parallel] / medians[1] for parallel in PARALLEL}
     figures = {
