@@ -138,9 +138,8 @@ def reserved_memory(config: Config) -> tuple[int, str]:
         from kvmhook.certs import agentproperties
         from kvmhook.errors import KeystoreError
 
-        path = paths.agent_files().properties
         try:
-            text = agentproperties.read(path)
+            path, text = agentproperties.read_host()
         except KeystoreError as error:
             raise ConfigError(str(error)) from None
         value = None if text is None else agentproperties.value(text, RESERVED_PROPERTY)

@@ -61,6 +61,15 @@ def read(path: str) -> str | None:
     return text
 
 
+def read_host() -> tuple[str, str | None]:
+    """(path, text) of this host's agent.properties (paths.agent_files()), for the keys kvmhook
+    reads besides the passphrase; text None when there is none. KeystoreError as read()."""
+    from kvmhook import paths
+
+    path = paths.agent_files().properties
+    return path, read(path)
+
+
 def passphrase(text: str) -> str | None:
     """The passphrase the agent would read, or None (an empty value counts as none)."""
     return value(text, KEY)

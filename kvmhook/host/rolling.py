@@ -117,8 +117,7 @@ def load_hooks(complain: Report) -> Hooks:
     agent has no default either), not absolute, or not a directory. A bad
     KVMHOOK_TERM_GRACE or KVMHOOK_MAX_OUTPUT is said to `complain`, its default used.
     """
-    properties = paths.agent_files().properties
-    text = agentproperties.read(properties)
+    properties, text = agentproperties.read_host()
     value = None if text is None else agentproperties.value(text, HOOKS_DIR)
     where = f"{HOOKS_DIR} in {properties}"
     if text is None or value is None:

@@ -133,9 +133,8 @@ def guest_network_device() -> str:
     from kvmhook.certs import agentproperties
     from kvmhook.errors import KeystoreError
 
-    path = paths.agent_files().properties
     try:
-        text = agentproperties.read(path)
+        path, text = agentproperties.read_host()
     except KeystoreError as error:
         raise NoPhysicalDevice(str(error)) from None
     device = None if text is None else agentproperties.value(text, PROPERTY)
