@@ -166,7 +166,7 @@ TABLE: dict[str, dict[int, str]] = {
     },
     "kvmhook metrics": {
         OK: "printed, or written (a source that cannot be read is said on stderr and left out)",
-        FAILED: "the textfile could not be written",
+        FAILED: "the textfile could not be written, or another run held the lock for 30 s",
         USAGE: _USAGE,
     },
     "keystore-setup": {

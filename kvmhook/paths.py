@@ -203,6 +203,11 @@ def renewal_record() -> str:
     return under_root("/var/lib/kvmhook/cert-renewal.json")
 
 
+def metrics_lock() -> str:
+    """The lock `kvmhook metrics --textfile` holds while it reads on and saves its position."""
+    return under_root("/run/kvmhook/metrics.lock")
+
+
 def metrics_state() -> str:
     """Where `kvmhook metrics` keeps its position in the hook log and the counts so far."""
     return under_root("/var/lib/kvmhook/metrics-hooklog.json")

@@ -10,6 +10,7 @@ import click
 
 from kvmhook import events, exitcodes, paths
 from kvmhook.cli.options import agent_dir_option, connect_option, failure, with_exit_codes
+from kvmhook.errors import LockError
 
 _HOW = """\b
 Only local sources, never the controller: the certificate files, the
@@ -50,9 +51,12 @@ def metrics(directory: str | None, agent_dir: str | None, source_uri: str) -> No
         why = f"cannot write {directory}/{exposition.TEXTFILE}: no such directory"
         raise failure(why, exitcodes.FAILED)
     began = time.monotonic()
-    snapshot = exposition.take(
-        agent_dir or paths.agent_dir(), source_uri, persist=directory is not None, say=say
-    )
+    try:
+        snapshot = exposition.take(
+            agent_dir or paths.agent_dir(), source_uri, persist=directory is not None, say=say
+        )
+    except LockError as error:
+        raise failure(str(error), exitcodes.FAILED) from None
     if directory is None:
         click.echo(exposition.exposition(snapshot).decode(), nl=False)
         events.emit("metrics.printed", duration_s=round(time.monotonic() - began, 3))

@@ -37,6 +37,7 @@ from kvmhook.host import hoststate
 from kvmhook.metrics import hookcounts
 
 TEXTFILE = "kvmhook.prom"
+LOCK_WAIT = 30.0  # a run takes well under a second; the timer runs every minute
 Say = Callable[[str], None]
 
 
@@ -63,13 +64,7 @@ def take(agent_dir: str, uri: str, persist: bool, say: Say) -> Snapshot:
     snapshot = Snapshot()
     snapshot.certificates = _certificates(agent_dir, say)
     snapshot.renewal = renewalrecord.read()
-    counts, start, reached = hookcounts.count(say)
-    snapshot.hooks = counts
-    if persist and reached is not None and (start is None or vars(start) != vars(reached)):
-        try:
-            hookcounts.save(counts, reached)
-        except OSError as error:
-            say(f"cannot save the hook log position in {paths.metrics_state()}: {error.strerror}")
+    snapshot.hooks = _hook_counts(persist, say)
     snapshot.state, _ = hoststate.read(say)
     try:
         snapshot.since = os.stat(paths.maintenance_state()).st_mtime
@@ -80,6 +75,30 @@ def take(agent_dir: str, uri: str, persist: bool, say: Say) -> Snapshot:
     return snapshot
 
 
+def _hook_counts(persist: bool, say: Say) -> hookcounts.Counts:
+    """The hook's counters; with `persist`, the position and counts saved for the next run,
+    under a lock: two runs at once (the timer and an operator) take turns, each reading on
+    from where the other stopped, so that no counter ever goes back.
+
+    Raises LockError when another run holds the lock for LOCK_WAIT seconds.
+    """
+    if not persist:
+        return hookcounts.count(say)[0]
+    from kvmhook import locks
+    from kvmhook.errors import LockError
+
+    holder = "another `kvmhook metrics --textfile`"
+    with locks.held(paths.metrics_lock(), holder, LOCK_WAIT, LockError, say):
+        counts, start, reached = hookcounts.count(say)
+        if reached is not None and (start is None or vars(start) != vars(reached)):
+            try:
+                hookcounts.save(counts, reached)
+            except OSError as error:
+                why = error.strerror
+                say(f"cannot save the hook log position in {paths.metrics_state()}: {why}")
+    return counts
+
+
 def _certificates(agent_dir: str, say: Say) -> dict[str, float]:
     """{host path: not_after as unix time} of each certificate file of the set that exists."""
     import calendar
@@ -87,11 +106,10 @@ def _certificates(agent_dir: str, say: Say) -> dict[str, float]:
     from kvmhook.certs import certificates, pki
     from kvmhook.errors import KvmhookError
 
-    files = []
-    for _name, cert, _key, ca in certificates.certificate_sets(agent_dir):
-        files += [cert, ca]
+    sets = certificates.certificate_sets(agent_dir)
+    cas = {ca for _name, _cert, _key, ca in sets}
     found = {}
-    for path in dict.fromkeys(files):
+    for path in dict.fromkeys(path for _, cert, _, ca in sets for path in (cert, ca)):
         try:
             with open(path, "rb") as source:
                 certs = pki.load_certificates(source.read(), path)
@@ -101,7 +119,7 @@ def _certificates(agent_dir: str, say: Say) -> dict[str, float]:
             say(f"{path}: {getattr(error, 'strerror', None) or error}; not exposed")
             continue
         # A CA bundle: the certificate that expires first is the one that breaks first.
-        first = certs if path.endswith(("ca.crt", "cacert.pem", "ca-cert.pem")) else certs[:1]
+        first = certs if path in cas else certs[:1]
         ends = min(pki.not_after(cert) for cert in first)
         found[paths.on_host(path)] = float(calendar.timegm(ends.utctimetuple()))
     return found

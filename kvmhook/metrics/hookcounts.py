@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import json
 import os
+from typing import BinaryIO
 
 from kvmhook import paths
 from kvmhook.hook import hooklog, hooklogview
 
 RESULTS = ("ok", "failed", "timed_out", "not_executable", "refused")
 _STATE_MAX = 1024 * 1024
-# How much of the log one run reads at most: a runaway log must not stall the timer.
+# How much of the log one run reads at most: a runaway log must not stall the timer;
+# the rest is read by the next runs. Read a piece at a time, so memory stays small.
 READ_MAX = 256 * 1024 * 1024
+_PIECE = 1024 * 1024
+_LINE_MAX = 1024 * 1024
 
 
 class Counts:
@@ -121,29 +125,41 @@ def _read(path: str, offset: int, counts: Counts, say: hooklogview.Report) -> Po
         return None
     with stream:
         if path.endswith(".gz"):
-            return _read_gzip(stream, path, counts, say)
+            _read_gzip(stream, path, counts, say)
+            return None
         st = os.fstat(stream.fileno())
         if st.st_size < offset:
             offset = 0  # truncated in place (copytruncate): read again from its start
         stream.seek(offset)
-        data = stream.read(READ_MAX)
-    end = data.rfind(b"\n") + 1  # a line still being written waits for the next run
-    _count_lines(data[:end], counts)
-    return Position(st.st_dev, st.st_ino, offset + end)
+        return Position(st.st_dev, st.st_ino, offset + _count_stream(stream, counts))
 
 
-def _read_gzip(stream: object, path: str, counts: Counts, say: hooklogview.Report) -> None:
+def _read_gzip(stream: BinaryIO, path: str, counts: Counts, say: hooklogview.Report) -> None:
     import gzip
     import zlib
 
     try:
-        with gzip.GzipFile(fileobj=stream) as unpacked:  # type: ignore[arg-type]
-            data = unpacked.read(READ_MAX)
+        with gzip.GzipFile(fileobj=stream) as unpacked:
+            _count_stream(unpacked, counts)  # type: ignore[arg-type]
     except (OSError, EOFError, zlib.error) as error:
-        say(f"{path}: unreadable ({error}); not counted")
-        return None
-    _count_lines(data, counts)
-    return None
+        say(f"{path}: unreadable ({error}); the rest of it not counted")
+
+
+def _count_stream(stream: BinaryIO, counts: Counts) -> int:
+    """Count the complete lines of `stream`, a piece at a time, READ_MAX bytes at most;
+    the bytes they took (a line still being written waits for the next run)."""
+    done, tail = 0, b""
+    while done + len(tail) < READ_MAX:
+        piece = stream.read(min(_PIECE, READ_MAX - done - len(tail)))
+        if not piece:
+            break
+        data = tail + piece
+        end = data.rfind(b"\n") + 1
+        _count_lines(data[:end], counts)
+        done, tail = done + end, data[end:]
+        if len(tail) > _LINE_MAX:  # a line that long is script output, never a record: skipped
+            done, tail = done + len(tail), b""
+    return done
 
 
 def _count_lines(data: bytes, counts: Counts) -> None:
