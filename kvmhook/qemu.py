@@ -24,7 +24,7 @@ from kvmhook.hook.operations import BY_NAME, Event
 
 TYPE_CHECKING = False  # typing costs import time the hook pays on every guest start
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from kvmhook.hook.hookconf import HookConf, Limits
     from kvmhook.hook.process import Stdin
@@ -46,7 +46,7 @@ def main(argv: "Sequence[str] | None" = None, timeout: "float | None" = None) ->
     args = list(sys.argv[1:] if argv is None else argv)
     log = HookLog(paths.log_file(), *_context(args))
     try:
-        settings = hookconf.limits(timeout, lambda problem: log.record("-", f"config: {problem}"))
+        settings = hookconf.limits(timeout, _complaints(log))
         return _run(args, settings, log)
     except Exception as error:  # a bug here must not block a guest: report it and let it start
         _report_bug(error, log)
@@ -163,6 +163,11 @@ def _print_xml(xml: bytes, log: HookLog) -> None:
     write_all(1, xml)
 
 
+def _complaints(log: HookLog) -> "Callable[[str], None]":
+    """What a problem with a setting becomes: a `config:` record."""
+    return lambda problem: log.record("-", f"config: {problem}")
+
+
 def _conf(log: HookLog) -> "HookConf | None":
     try:
         return hookconf.read()
@@ -204,8 +209,7 @@ def _prepare(
     the same way; then the scripts run on the XML read once."""
     from kvmhook.host import admission
 
-    complain = lambda problem: log.record("-", f"config: {problem}")  # noqa: E731
-    kinds = hookconf.provisions(conf, complain)
+    kinds = hookconf.provisions(conf, _complaints(log))
     xml = replay_fd = None
     if kinds and stdin_fd is not None:
         xml = _read_stdin(stdin_fd, log)
@@ -245,8 +249,7 @@ def _release(event: Event, log: HookLog, settings: "Limits", stdin_fd: int) -> i
     _run_scripts(event, log, settings, None, False, (xml, xml))
     from kvmhook.net import provision
 
-    complain = lambda problem: log.record("-", f"config: {problem}")  # noqa: E731
-    keep = hookconf.words(_conf(log), "network", "keep", complain)
+    keep = hookconf.words(_conf(log), "network", "keep", _complaints(log))
     provision.at_release(event.domain, xml, keep, lambda line: log.record("-", f"network: {line}"))
     return 0
 
